@@ -1,0 +1,55 @@
+// The CPU kernels of the rptq:: ops, behind one table of function pointers per instruction set.
+//
+// kernels_scalar.cpp, kernels_avx2.cpp and kernels_avx512.cpp compile the same portable code
+// (generic.inc) for their ISA (with `#pragma GCC target`), and kernels_avx512.cpp replaces the hot
+// entries (W4A16 GEMV, the VNNI integer GEMM, decode attention) with intrinsics. ops.cpp picks the
+// table at run time from the processor's flags, so one build runs on any x86-64.
+//
+// Everything here works on raw, contiguous, already validated buffers (ops.cpp checks the tensors);
+// this header and the kernel files include no torch header, so nothing compiled for AVX-512 can leak
+// into code that runs on an older CPU through a shared inline function.
+//
+// Conventions: x float32 row-major [M, K]; weights in the block_q{bits} layout of
+// rptq_cli/quant/pack.py ([N, row_bytes(K)]); scales float32 [N, G]; zeros uint8 [N, G];
+// group_sizes int32 [G] (Σ = K); KV rows [B, H, S, row_bytes(D)].
+#pragma once
+#include <cstdint>
+
+namespace rptq_cpu {
+
+inline int64_t row_bytes(int64_t len, int bits) { return (len + 31) / 32 * 4 * bits; }
+
+struct KernelTable {
+  const char* isa;
+  void (*pack_rows)(const uint8_t* codes, int64_t rows, int64_t len, int bits, uint8_t* out);
+  void (*unpack_rows)(const uint8_t* packed, int64_t rows, int64_t len, int bits, uint8_t* out);
+  // float32 W [N, K] (for the prefill GEMM fallback and tests)
+  void (*dequant_weight)(const uint8_t* qw, const float* scales, const uint8_t* zeros, const int32_t* gs,
+                         int G, int64_t N, int64_t K, int bits, float* out);
+  void (*linear_a16)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
+                     const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y);
+  void (*linear_aq)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
+                    const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
+                    const int32_t* act_zero, int act_bits, const float* bias, float* y);
+  // codes (may be null) and/or fake-quantized values (may be null) of x [rows, C]
+  void (*quantize_act)(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
+                       const int32_t* gs, int G, int bits, uint8_t* codes, float* fq);
+  void (*reorder_norm)(const float* x, int64_t rows, int64_t C, const int64_t* perm, const float* w,
+                       const float* b, float eps, int rms, const float* act_scale, const int32_t* act_zero,
+                       const int32_t* act_gs, int act_G, int act_bits, float* y);
+  // x [B*H slabs of T rows of D] → rows of packed codes; slab i (head i % H) written at out + i*out_slab
+  void (*kv_pack)(const float* x, int64_t BH, int64_t H, int64_t T, int64_t D, const float* scale,
+                  const int32_t* zero, int bits, uint8_t* out, int64_t out_slab);
+  void (*kv_unpack)(const uint8_t* packed, int64_t BH, int64_t H, int64_t T, int64_t D, const float* scale,
+                    const int32_t* zero, int bits, float* out);
+  void (*decode_attention)(const float* q, int64_t B, int64_t Hq, int64_t Tq, int64_t D, const uint8_t* kp,
+                           const uint8_t* vp, int64_t Hkv, int64_t S, const float* k_scale,
+                           const int32_t* k_zero, const float* v_scale, const int32_t* v_zero, int bits,
+                           int64_t kv_len, float scaling, int p_bits, float* out);
+};
+
+void fill_scalar(KernelTable* t);
+void fill_avx2(KernelTable* t);
+void fill_avx512(KernelTable* t);  // requires avx512f/bw/vl + avx512vnni
+
+}  // namespace rptq_cpu

@@ -1,0 +1,236 @@
+"""Layer-by-layer calibration: capture layer 0's inputs once, then run one decoder layer at a time.
+
+Only the layer being processed sits on the device; the hidden states of all calibration windows wait on
+the CPU between layers (memory: one layer + nsamples × seqlen × hidden). Each layer sees the outputs of
+the already-processed previous layer, so quantization errors propagate as they will at inference.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import RptqError
+from .models.base import Family
+from .nn.attention import AttentionQuant, use_rptq_attention
+
+STATS_FORMAT = "rptq-stats"
+STATS_VERSION = "1"
+# Points whose per-channel ranges are recorded (config.ACT_POINTS minus the softmax, which has a fixed grid).
+STAT_POINTS = ("x1", "q", "k", "v", "o_in", "x2", "down_in")
+
+
+class ChannelObserver:
+    """Running per-channel min and max of [tokens, C] inputs, plus a seeded sample of token rows."""
+
+    def __init__(self, keep_rows: int = 0, seed: int = 0):
+        self.lo = self.hi = None
+        self.keep_rows = keep_rows
+        self.rows: list[torch.Tensor] = []
+        self.kept = 0
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise RptqError("NaN or inf in the activations during calibration; the model overflows in this "
+                            "dtype or the weights are broken: try --dtype float32 or check the model")
+        lo, hi = x.amin(0).cpu(), x.amax(0).cpu()
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+        if self.kept < self.keep_rows:
+            take = min(self.keep_rows - self.kept, max(1, self.keep_rows // 16), x.shape[0])
+            idx = torch.randperm(x.shape[0], generator=self.generator)[:take]
+            self.rows.append(x[idx.to(x.device)].cpu())
+            self.kept += take
+
+    def samples(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.empty(0, self.lo.numel())
+
+
+@contextlib.contextmanager
+def observe_layer(layer: nn.Module, family: Family, keep_rows: int = 0, seed: int = 0):
+    """Observers at every activation point of ``layer`` while the block runs; yields {point: observer}."""
+    observers = {p: ChannelObserver(keep_rows, seed + i) for i, p in enumerate(STAT_POINTS)}
+    attn = layer.get_submodule(family.attn)
+    if getattr(attn, "rptq", None) is None:
+        attn.rptq = AttentionQuant()
+
+    def input_hook(point):
+        return lambda module, args: observers[point].update(args[0])
+
+    hooks = [layer.get_submodule(path).register_forward_pre_hook(input_hook(point))
+             for point, path in (("x1", family.q), ("o_in", family.o), ("x2", family.mlp_in[0]),
+                                 ("down_in", family.mlp_out))]
+    attn.rptq.observer = lambda name, x: observers[name].update(x)
+    try:
+        yield observers
+    finally:
+        attn.rptq.observer = None
+        for h in hooks:
+            h.remove()
+
+
+class _Captured(Exception):
+    pass
+
+
+class LayerRunner:
+    """Feeds calibration windows through the decoder one layer at a time."""
+
+    def __init__(self, model: nn.Module, family: Family, tokens: torch.Tensor, device: torch.device,
+                 batch_size: int = 1):
+        self.model, self.family, self.device, self.batch_size = model, family, torch.device(device), batch_size
+        self.layers = family.decoder_layers(model)
+        use_rptq_attention(model)
+        self.inputs, self.layer_kwargs = self._capture(tokens)
+
+    def _embedding_modules(self) -> list[nn.Module]:
+        mods = []
+        for path in self.family.embeddings:
+            try:
+                mods.append(self.model.get_submodule(path))
+            except AttributeError:
+                pass  # optional module (e.g. OPT's project_in when sizes match)
+        return [m for m in mods if m is not None]
+
+    def _capture(self, tokens: torch.Tensor):
+        """Layer 0's input hidden states [n, T, hidden] (CPU) and its keyword arguments (mask, RoPE, ...)."""
+        captured, kwargs_seen = [], {}
+
+        def grab(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.append(hidden.detach().cpu())
+            if not kwargs_seen:
+                kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+            raise _Captured
+
+        embeddings = self._embedding_modules()
+        for m in embeddings:
+            m.to(self.device)
+        handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for row in tokens:  # one window at a time: the captured mask then broadcasts over any batch
+                    try:
+                        self.model(row[None].to(self.device), use_cache=False)
+                    except _Captured:
+                        pass
+        finally:
+            handle.remove()
+            for m in embeddings:
+                m.to("cpu")
+        kwargs_seen.update(past_key_values=None, use_cache=False)
+        return torch.cat(captured), kwargs_seen
+
+    @contextlib.contextmanager
+    def on_device(self, layer: nn.Module):
+        layer.to(self.device)
+        try:
+            yield layer
+        finally:
+            layer.to("cpu")
+
+    def forward(self, layer: nn.Module, inputs: torch.Tensor, desc: str = "") -> torch.Tensor:
+        """Run ``layer`` (already on the device) over all windows; returns its outputs on the CPU."""
+        outputs = torch.empty_like(inputs)
+        bs = self.batch_size
+        with torch.no_grad():
+            for start in tqdm(range(0, inputs.shape[0], bs), desc=desc, leave=False, unit="batch",
+                              disable=not desc):
+                out = layer(inputs[start:start + bs].to(self.device), **self.layer_kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                outputs[start:start + bs] = out.to("cpu", inputs.dtype)
+        return outputs
+
+
+LayerStats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # point -> (per-channel min, per-channel max)
+
+
+def collect_stats(runner: LayerRunner, progress: bool = True) -> list[LayerStats]:
+    """Per-channel (min, max) at every point of every layer, propagating FP outputs layer to layer."""
+    stats, hidden = [], runner.inputs
+    n = len(runner.layers)
+    for i, layer in enumerate(tqdm(runner.layers, desc="calibrate", unit="layer", disable=not progress)):
+        with runner.on_device(layer), observe_layer(layer, runner.family) as observers:
+            hidden = runner.forward(layer, hidden, desc=f"layer {i + 1}/{n}" if progress else "")
+        stats.append({p: (o.lo, o.hi) for p, o in observers.items()})
+    return stats
+
+
+# ---------------------------------------------------------------- stats file
+
+
+@dataclass
+class StatsFile:
+    layers: list[LayerStats]
+    meta: dict = field(default_factory=dict)  # model, model_type, data provenance, tool version
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {f"layers.{i}.{p}.{which}": t.float().contiguous()
+                   for i, layer in enumerate(self.layers) for p, (lo, hi) in layer.items()
+                   for which, t in (("min", lo), ("max", hi))}
+        metadata = {"format": STATS_FORMAT, "version": STATS_VERSION, "meta": json.dumps(self.meta, sort_keys=True)}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StatsFile":
+        path = Path(path)
+        if not path.is_file():
+            raise RptqError(f"stats file {path} does not exist; create it with `rptq calibrate MODEL -o {path}`")
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != STATS_FORMAT:
+                    raise RptqError(f"{path} is not an rptq stats file; create one with `rptq calibrate`")
+                if metadata.get("version") != STATS_VERSION:
+                    raise RptqError(f"{path} is a stats file of format version {metadata.get('version')}, "
+                                    f"this rptq reads version {STATS_VERSION}; re-run `rptq calibrate`")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except RptqError:
+            raise
+        except Exception as exc:  # truncated or foreign file
+            raise RptqError(f"cannot read stats file {path} ({exc}); re-run `rptq calibrate`") from None
+        n_layers = 1 + max(int(k.split(".")[1]) for k in tensors)
+        layers = [{p: (tensors[f"layers.{i}.{p}.min"], tensors[f"layers.{i}.{p}.max"]) for p in STAT_POINTS}
+                  for i in range(n_layers)]
+        return cls(layers, json.loads(metadata.get("meta", "{}")))
+
+    def check_model(self, config, family: Family, path: str) -> None:
+        """Refuse stats recorded on another model: every point must have this model's channel count."""
+        n_heads, n_kv, head_dim = family.heads(config)
+        ffn = getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", None)
+        widths = {"x1": config.hidden_size, "q": n_heads * head_dim, "k": n_kv * head_dim, "v": n_kv * head_dim,
+                  "o_in": n_heads * head_dim, "x2": config.hidden_size, "down_in": ffn}
+        found = [{p: lo.numel() for p, (lo, _) in layer.items()} for layer in self.layers]
+        if len(found) != config.num_hidden_layers or any(f != widths for f in found):
+            raise RptqError(f"stats file {path} was recorded on {self.meta.get('model', 'another model')}, whose "
+                            f"layers differ from this model's; re-run `rptq calibrate` for this model")
+
+
+def stats_metadata(model_name: str, config, provenance: dict) -> dict:
+    return {"model": model_name, "model_type": config.model_type, "data": provenance, "tool_version": __version__}
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary sibling, then rename it over ``path``: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

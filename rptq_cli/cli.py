@@ -1,0 +1,221 @@
+"""The ``rptq`` command line: parse, validate, call the pipeline, print. Nothing else lives here."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import RptqError
+
+CALIB_DEFAULTS = {"nsamples": 128, "seed": 2}
+
+
+def _run(fn):
+    """User errors become one line on stderr and exit code 2, never a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RptqError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def model_options(fn):
+    fn = click.option("--dtype", default="auto", show_default=True,
+                      type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+                      help="Compute dtype (auto: float32 on CPU, float16 on GPU).")(fn)
+    fn = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")(fn)
+    return fn
+
+
+def calib_options(fn):
+    fn = click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1),
+                      help="Calibration windows per forward pass.")(fn)
+    fn = click.option("--seed", type=int, default=None, help="Seed of the window draw and KMeans [2].")(fn)
+    fn = click.option("--seqlen", type=click.IntRange(1), default=None,
+                      help="Tokens per window [min(2048, model max positions)].")(fn)
+    fn = click.option("--nsamples", type=click.IntRange(1), default=None, help="Calibration windows [128].")(fn)
+    fn = click.option("--calib-path", type=click.Path(dir_okay=False), default=None,
+                      help="Calibration text file (.txt, .jsonl with 'text', .parquet).")(fn)
+    fn = click.option("--calib-dataset", type=click.Choice(["wikitext2", "ptb", "c4", "mix"]), default=None,
+                      help="Calibration dataset from the hub (train split) [mix].")(fn)
+    return fn
+
+
+def quant_options(fn):
+    opts = [
+        click.option("--config", "preset", default=None, help="Preset from configs/ (w4a8, w4a4kv, ...); flags override."),
+        click.option("--wbits", type=int, default=None, help="Weight bits: 2, 3, 4, 8 or 16."),
+        click.option("--abits", type=int, default=None, help="Activation bits: 3, 4, 8 or 16."),
+        click.option("--kv-only", is_flag=True, default=None, help="Quantize only K and V at --abits."),
+        click.option("--mode", type=click.Choice(["paper", "strict"]), default=None,
+                     help="paper: norm outputs and softmax at max(8, abits) like the official code; strict: all at abits."),
+        click.option("--weight-quantizer", type=click.Choice(["gptq", "rtn"]), default=None),
+        click.option("--weight-groups", default=None, help="cluster (default), channel or a group size like 128."),
+        click.option("--clusters", default=None, help="Clusters per point, e.g. R1=32,R2=4,R3=4,R4=32,R5=32."),
+        click.option("--no-reorder", is_flag=True, default=False, help="One cluster per point (per-tensor baseline)."),
+        click.option("--act-clip", type=click.Choice(["minmax", "mse"]), default=None,
+                     help="Activation ranges: calibrated min/max or the MSE-best clipped range [mse]."),
+        click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None,
+                     help="Stats file from `rptq calibrate`: clusters and, by default, its calibration data."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
+                  act_clip):
+    from .config import build_config, parse_clusters
+    given = dict(wbits=wbits, abits=abits, kv_only=kv_only, mode=mode, weight_quantizer=weight_quantizer,
+                 weight_groups=weight_groups, clusters=parse_clusters(clusters) if clusters else None,
+                 reorder=False if no_reorder else None, act_clip=act_clip)
+    if preset is None and all(v is None for v in given.values()):
+        return None
+    config = build_config(preset, **given)
+    return config if (config.quantizes_weights or config.quantizes_acts) else None
+
+
+def _calibration(tokenizer, model_config, stats, calib_dataset, calib_path, nsamples, seqlen, seed):
+    """Calibration windows: from the flags, else the source recorded in the stats file, else the defaults."""
+    from .data import calibration_windows
+    from .loading import default_seqlen
+    recorded = (stats.meta.get("data") or {}) if stats is not None else {}
+    if calib_dataset is None and calib_path is None and recorded.get("source"):
+        source = recorded["source"]
+        if source.startswith("file:"):
+            calib_path = source[len("file:"):]
+        else:
+            calib_dataset = source
+    if calib_dataset is not None and calib_path is not None:
+        raise RptqError("give --calib-dataset or --calib-path, not both")
+    if calib_dataset is None and calib_path is None:
+        calib_dataset = "mix"
+    nsamples = nsamples or recorded.get("nsamples") or CALIB_DEFAULTS["nsamples"]
+    seqlen = seqlen or recorded.get("seqlen") or default_seqlen(model_config)
+    seed = seed if seed is not None else recorded.get("seed", CALIB_DEFAULTS["seed"])
+    tokens, provenance = calibration_windows(tokenizer, dataset=calib_dataset, path=calib_path,
+                                             nsamples=nsamples, seqlen=seqlen, seed=seed)
+    if recorded.get("sha256") and recorded.get("source") == provenance["source"] \
+            and recorded["sha256"] != provenance["sha256"]:
+        click.echo(f"warning: the calibration text of {provenance['source']} changed since the stats were "
+                   "recorded (sha256 differs)", err=True)
+    return tokens, provenance
+
+
+def _check_seqlen(seqlen, model_config):
+    max_pos = getattr(model_config, "max_position_embeddings", None)
+    if seqlen is not None and max_pos and seqlen > max_pos:
+        raise RptqError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen {max_pos} or less")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="rptq")
+def main():
+    """RPTQ: reorder-based post-training quantization of LLMs, run on real packed kernels."""
+
+
+@main.command()
+@click.argument("model")
+@calib_options
+@model_options
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Stats file to write.")
+@_run
+def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device, dtype, output):
+    """Record per-channel (min, max) at every reorder point, one layer at a time."""
+    from .calibrate import LayerRunner, StatsFile, collect_stats, stats_metadata
+    from .loading import load_model, resolve_device, resolve_dtype
+    device = resolve_device(device)
+    net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
+    _check_seqlen(seqlen, net.config)
+    tokens, provenance = _calibration(tokenizer, net.config, None, calib_dataset, calib_path, nsamples, seqlen, seed)
+    start = time.perf_counter()
+    stats = collect_stats(LayerRunner(net, family, tokens, device, batch_size))
+    StatsFile(stats, stats_metadata(model, net.config, provenance)).save(output)
+    click.echo(f"wrote {output}: {len(stats)} layers, {tokens.shape[0]} windows of {tokens.shape[1]} tokens "
+               f"from {provenance['source']} ({time.perf_counter() - start:.1f}s)")
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--task", "tasks", multiple=True, default=["wikitext"], show_default=True,
+              type=click.Choice(["wikitext", "ptb", "c4"]), help="Perplexity task (repeatable).")
+@click.option("--data-path", "data_paths", multiple=True, type=click.Path(dir_okay=False),
+              help="Local text for the task instead of the hub (one per --task, in order).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@quant_options
+@calib_options
+@model_options
+@_run
+def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only, mode, weight_quantizer,
+             weight_groups, clusters, no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen,
+             seed, batch_size, device, dtype):
+    """GPTQ-protocol perplexity of an FP model or a simulated RPTQ quantization."""
+    from .data import eval_tokens
+    from .evaluate import perplexity
+    from .loading import default_seqlen, load_model, resolve_device, resolve_dtype
+    if data_paths and len(data_paths) != len(tasks):
+        raise RptqError(f"{len(data_paths)} --data-path for {len(tasks)} --task; give one file per task, in order")
+    config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
+                           no_reorder, act_clip)
+    device = resolve_device(device)
+    net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
+    _check_seqlen(seqlen, net.config)
+    eval_seqlen = seqlen or default_seqlen(net.config)
+    texts = {task: eval_tokens(task, tokenizer, seqlen=eval_seqlen, data_path=path)
+             for task, path in zip(tasks, data_paths or [None] * len(tasks))}
+    quantization = None
+    if config is not None:
+        quantization = _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path,
+                                           nsamples, seqlen, seed, batch_size, device)
+    net.to(device)
+    from . import kernels
+    click.echo(f"backend: {kernels.backend(device)}", err=True)
+    results = {task: perplexity(net, tokens, seqlen=eval_seqlen, desc=task) for task, tokens in texts.items()}
+    label = quantization["label"] if quantization else "FP"
+    for task, r in results.items():
+        click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
+    if json_path:
+        from .calibrate import atomic_write
+        payload = {"model": model, "quantization": quantization, "results": results}
+        atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path, nsamples, seqlen,
+                        seed, batch_size, device) -> dict:
+    from .calibrate import StatsFile
+    from .quantize import quantize_model
+    stats = None
+    if stats_path:
+        stats = StatsFile.load(stats_path)
+        stats.check_model(net.config, family, stats_path)
+    tokens, provenance = _calibration(tokenizer, net.config, stats, calib_dataset, calib_path, nsamples, seqlen, seed)
+    report = quantize_model(net, family, tokens, config, stats=stats, device=device, batch_size=batch_size,
+                            seed=provenance["seed"])
+    return {"label": config.label, **config.to_dict(), "calibration": provenance,
+            "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="Fewer shapes and repeats (about a minute).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch and kernel threads [all cores].")
+@_run
+def bench(quick, json_path, threads):
+    """Time the rptq:: kernels against torch baselines measured in the same run, on this machine."""
+    from .bench import run_bench
+    run_bench(quick=quick, threads=threads, json_path=json_path)
+
+
+if __name__ == "__main__":
+    main()

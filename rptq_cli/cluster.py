@@ -1,0 +1,137 @@
+"""Channel clustering for RPTQ's reorder points: KMeans on per-channel range features.
+
+Channels with similar ranges are put in one cluster; the permutation makes every cluster a contiguous
+run, so each can get its own quantization scale. Within a head-split tensor (R2, R3), channels are
+clustered inside their head only, so the permutation is block-diagonal and attention keeps its meaning.
+
+Unlike the official code (sklearn, arbitrary cluster order, non-stable GPU sort), the result here is
+a deterministic function of (features, n_clusters, n_heads, seed): faiss KMeans with a fixed seed on
+one thread, clusters ordered by their centroid, channels inside a cluster in ascending index.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from .errors import RptqError
+
+KMEANS_ITERATIONS = 25
+KMEANS_RESTARTS = 10  # as the official code's sklearn n_init=10
+
+
+@dataclass
+class Clustering:
+    """A reordering of C channels into contiguous clusters.
+
+    perm: int64 [C]; new position j holds old channel ``perm[j]`` (so ``x_new = x[..., perm]``)
+    cluster_sizes: int32 [G], all > 0, contiguous after the permutation, head-major when per head
+    groups_per_head: clusters in each head (len n_heads, sum G)
+    """
+
+    perm: torch.Tensor
+    cluster_sizes: torch.Tensor
+    groups_per_head: list[int]
+
+
+def invert_perm(perm: torch.Tensor) -> torch.Tensor:
+    """The permutation ``inv`` with ``inv[perm[j]] = j`` (int64 [C]): ``x_new[..., inv] == x``."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm), dtype=perm.dtype, device=perm.device)
+    return inv
+
+
+def identity_clustering(channels: int, n_heads: int = 1) -> Clustering:
+    """No reorder: one cluster per head (per-tensor, or per-head, quantization)."""
+    head_dim = _head_dim(channels, n_heads)
+    return Clustering(
+        perm=torch.arange(channels, dtype=torch.int64),
+        cluster_sizes=torch.full((n_heads,), head_dim, dtype=torch.int32),
+        groups_per_head=[1] * n_heads,
+    )
+
+
+def cluster_channels(features: torch.Tensor, n_clusters: int, n_heads: int = 1, seed: int = 0) -> Clustering:
+    """Cluster channels by their feature points, separately in each head.
+
+    features: float [C, F], one point per channel, e.g. (min, max), or (q_max, k_max, q_min, k_min)
+    for R2; C must be a multiple of n_heads. Asks for ``n_clusters`` per head (fewer come out when
+    KMeans leaves a cluster empty). Returns a :class:`Clustering` with a block-diagonal ``perm``.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must be [channels, F], got shape {tuple(features.shape)}")
+    channels = features.shape[0]
+    head_dim = _head_dim(channels, n_heads)
+    if n_clusters < 1:
+        raise RptqError(f"the number of clusters must be at least 1, got {n_clusters}")
+    if not torch.isfinite(features).all():
+        raise RptqError("channel statistics hold inf/NaN (overflow during calibration): recalibrate in float32")
+    if n_clusters > head_dim:
+        warnings.warn(f"{n_clusters} clusters asked for {head_dim} channels per head; using {head_dim}", stacklevel=2)
+        n_clusters = head_dim
+
+    points = features.detach().cpu().to(torch.float32).numpy()
+    perm, sizes, groups_per_head = [], [], []
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # multi-threaded reductions would make the centroids run-dependent
+    try:
+        for h in range(n_heads):
+            head = np.ascontiguousarray(points[h * head_dim : (h + 1) * head_dim])
+            order, head_sizes = _cluster_order(head, _kmeans_labels(head, n_clusters, seed))
+            perm.append(order + h * head_dim)
+            sizes += head_sizes
+            groups_per_head.append(len(head_sizes))
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return Clustering(
+        perm=torch.from_numpy(np.concatenate(perm)).to(torch.int64),
+        cluster_sizes=torch.tensor(sizes, dtype=torch.int32),
+        groups_per_head=groups_per_head,
+    )
+
+
+def _head_dim(channels: int, n_heads: int) -> int:
+    if n_heads < 1 or channels % n_heads:
+        raise RptqError(f"{channels} channels do not split into {n_heads} heads: check the model's head count")
+    return channels // n_heads
+
+
+def _kmeans_labels(points: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Cluster label (int64 [n]) of each row of ``points`` float32 [n, F]."""
+    n, dim = points.shape
+    if k == 1:
+        return np.zeros(n, dtype=np.int64)
+    kmeans = faiss.Kmeans(
+        dim,
+        k,
+        niter=KMEANS_ITERATIONS,
+        nredo=KMEANS_RESTARTS,
+        seed=seed,
+        # k-means++ gives the few outlier channels their own centroid instead of leaving it to chance
+        init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
+        min_points_per_centroid=1,  # few channels per cluster is normal here, not a warning
+        max_points_per_centroid=max(256, -(-n // k)),  # use every channel, never a subsample
+        verbose=False,
+    )
+    kmeans.train(points)
+    _, labels = kmeans.index.search(points, 1)
+    return labels[:, 0].astype(np.int64)
+
+
+def _cluster_order(points: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Permutation (int64 [n]) grouping the labels, and the sizes of the non-empty clusters.
+
+    Clusters are ordered by their centroid (lexicographically over the features), then by their
+    lowest channel; channels keep ascending index inside a cluster (stable sort).
+    """
+    used, first_channel, counts = np.unique(labels, return_index=True, return_counts=True)
+    centroids = np.stack([points[labels == c].astype(np.float64).mean(0) for c in used])  # [G, F]
+    # np.lexsort sorts by its last key first
+    rank_of_cluster = np.empty(len(used), dtype=np.int64)
+    cluster_order = np.lexsort((first_channel, *centroids.T[::-1]))
+    rank_of_cluster[cluster_order] = np.arange(len(used))
+    rank = rank_of_cluster[np.searchsorted(used, labels)]
+    return np.argsort(rank, kind="stable"), counts[cluster_order].tolist()

@@ -1,0 +1,138 @@
+"""What to quantize and how: one dataclass, loadable from the presets in ``configs/``.
+
+Activation points of one decoder layer (DESIGN §2), named by the tensor that is quantized:
+
+| point     | tensor                                   | clusters (reorder point) |
+|-----------|------------------------------------------|--------------------------|
+| `x1`      | attention-norm output (q/k/v input)       | R1, global               |
+| `q`, `k`  | queries and keys (keys = the KV cache)    | R2, per KV head          |
+| `v`       | values (the KV cache)                     | R3, per KV head          |
+| `p`       | softmax output, on a fixed [0, 1] grid    | none                     |
+| `o_in`    | out_proj input (attention output)         | R3, per KV head          |
+| `x2`      | FFN-norm output (fc1 / gate+up input)     | R4, global               |
+| `down_in` | fc2 / down_proj input                     | R5, global               |
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import RptqError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ACT_POINTS = ("x1", "q", "k", "v", "p", "o_in", "x2", "down_in")
+REORDER_POINTS = ("R1", "R2", "R3", "R4", "R5")
+DEFAULT_CLUSTERS = {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
+WBITS = (2, 3, 4, 8, 16)
+ABITS = (3, 4, 8, 16)
+FP = 16  # "bits" of a tensor that stays in floating point
+
+
+@dataclass
+class QuantConfig:
+    wbits: int = 16
+    abits: int = 16
+    kv_only: bool = False               # only K and V at abits (W4A4KV and friends)
+    mode: str = "paper"                 # paper: norm outputs and softmax at max(8, abits); strict: all at abits
+    weight_quantizer: str = "gptq"      # gptq | rtn
+    weight_groups: str | int = "cluster"  # cluster | channel | group size
+    clusters: dict = field(default_factory=lambda: dict(DEFAULT_CLUSTERS))
+    reorder: bool = True                # False: one cluster per point (the per-tensor baseline)
+    act_clip: str = "mse"               # minmax | mse: static activation ranges from calibration
+    percdamp: float = 0.01
+    blocksize: int = 128
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        if self.wbits not in WBITS:
+            raise RptqError(f"--wbits {self.wbits} is not supported; choose one of {', '.join(map(str, WBITS))}")
+        if self.abits not in ABITS:
+            raise RptqError(f"--abits {self.abits} is not supported; choose one of {', '.join(map(str, ABITS))}")
+        if self.mode not in ("paper", "strict"):
+            raise RptqError(f"--mode {self.mode!r} is unknown; choose paper or strict")
+        if self.weight_quantizer not in ("gptq", "rtn"):
+            raise RptqError(f"--weight-quantizer {self.weight_quantizer!r} is unknown; choose gptq or rtn")
+        if self.act_clip not in ("minmax", "mse"):
+            raise RptqError(f"--act-clip {self.act_clip!r} is unknown; choose minmax or mse")
+        groups = self.weight_groups
+        if isinstance(groups, str) and groups.isdigit():
+            self.weight_groups = groups = int(groups)
+        if not (groups in ("cluster", "channel") or (isinstance(groups, int) and groups > 0)):
+            raise RptqError(f"--weight-groups {groups!r} is invalid; use cluster, channel or a positive group size")
+        unknown = set(self.clusters) - set(REORDER_POINTS)
+        if unknown:
+            raise RptqError(f"--clusters names unknown points {sorted(unknown)}; use R1..R5")
+        for point, n in self.clusters.items():
+            if not isinstance(n, int) or n < 1:
+                raise RptqError(f"--clusters {point}={n} is invalid; cluster counts are positive integers")
+        self.clusters = {**DEFAULT_CLUSTERS, **self.clusters}
+
+    def act_bits(self, point: str) -> int:
+        """Bits of activation point ``point`` (16 = not quantized), DESIGN §2's table."""
+        a = self.abits
+        if a >= FP:
+            return FP
+        if self.kv_only:
+            return a if point in ("k", "v") else FP
+        if self.mode == "paper" and point in ("x1", "x2", "p"):
+            return max(8, a)
+        return a
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.wbits < FP
+
+    @property
+    def quantizes_acts(self) -> bool:
+        return any(self.act_bits(p) < FP for p in ACT_POINTS)
+
+    @property
+    def label(self) -> str:
+        kv = "KV" if self.kv_only else ""
+        strict = "-strict" if self.mode == "strict" and self.abits < FP and not self.kv_only else ""
+        return f"W{self.wbits}A{self.abits}{kv}{strict}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise RptqError(f"unknown quantization settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise RptqError(f"unknown --config {name!r}; choose one of {', '.join(preset_names())}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def parse_clusters(text: str) -> dict:
+    """``"R1=32,R2=4"`` → ``{"R1": 32, "R2": 4}``."""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, value = item.partition("=")
+        if not value.strip().isdigit():
+            raise RptqError(f"--clusters item {item!r} is invalid; write e.g. R1=32,R2=4,R3=4,R4=32,R5=32")
+        out[name.strip().upper()] = int(value)
+    return out
+
+
+def build_config(preset: str | None = None, **overrides) -> QuantConfig:
+    """A preset (if any) with the flags the user gave on top (``None`` = not given)."""
+    data = load_preset(preset) if preset else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return QuantConfig.from_dict(data)

@@ -1,0 +1,84 @@
+"""What a model family looks like to RPTQ: where its reorder points are, declared as module paths.
+
+An adapter is data, not code: the pipeline reads these names and does the rest. Adding a family is one
+small file that builds a :class:`Family` and calls :func:`register`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import RptqError
+
+
+@dataclass(frozen=True)
+class Family:
+    model_types: tuple[str, ...]   # config.model_type values served
+    architectures: tuple[str, ...]  # class names, for messages
+    layers: str                    # path of the decoder-layer ModuleList from the CausalLM
+    embeddings: tuple[str, ...]    # modules that run before layer 0 (moved to the device for the capture)
+    attn_norm: str                 # R1: norm whose output feeds q/k/v (path inside a layer)
+    mlp_norm: str                  # R4: norm whose output feeds the MLP input projections
+    attn: str                      # the attention module
+    q: str
+    k: str
+    v: str
+    o: str                         # out_proj: input is R3
+    mlp_in: tuple[str, ...]        # fc1, or (gate_proj, up_proj): rows permuted together by R5
+    mlp_out: str                   # fc2 / down_proj: input is R5
+    norm_kind: str                 # "layer" | "rms"
+    rope: bool                     # keys are rotated: R2 is applied after RoPE inside attention, not folded
+
+    def heads(self, config) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dim)."""
+        n_heads = config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return n_heads, n_kv, head_dim
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def check(self, config) -> None:
+        """Refuse layouts the reorder does not handle, with the reason."""
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    for model_type in family.model_types:
+        _FAMILIES[model_type] = family
+    return family
+
+
+def supported_architectures() -> list[str]:
+    return sorted({a for f in _FAMILIES.values() for a in f.architectures})
+
+
+def family_for(config) -> Family:
+    family = _FAMILIES.get(getattr(config, "model_type", None))
+    if family is None:
+        archs = ", ".join(getattr(config, "architectures", None) or [str(getattr(config, "model_type", "?"))])
+        raise RptqError(f"unsupported architecture {archs}; rptq supports {', '.join(supported_architectures())}")
+    family.check(config)
+    return family
+
+
+def get(module: nn.Module, path: str) -> nn.Module:
+    return module.get_submodule(path)
+
+
+def replace(module: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(module.get_submodule(parent) if parent else module, name, new)
+
+
+def norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6))
+
+
+def norm_bias(norm: nn.Module) -> torch.Tensor | None:
+    return getattr(norm, "bias", None)

@@ -1,0 +1,103 @@
+"""The attention function of quantized models, registered with transformers as ``"rptq"``.
+
+Transformers' attention modules project q/k/v, apply RoPE, update the cache and then call the
+registered attention function with ``(module, query, key, value, mask, scaling)``; everything RPTQ does
+between the projections and out_proj happens here, driven by ``module.rptq`` (an :class:`AttentionQuant`):
+
+* R2 for RoPE families: keys are clustered *after* RoPE, so the permutation is a gather of q and k here.
+  A permutation of pre-RoPE channels would have to move whole rotary pairs (i, i + d/2) and carry their
+  frequencies, and the pre-RoPE (min, max) of a channel would still not describe the rotated key that the
+  cache stores. Post-RoPE clustering quantizes exactly what the cache holds, and the gather is fused into
+  the KV quantize-append kernel. For OPT (no RoPE) R2 is folded into q_proj/k_proj rows instead.
+* Q, K and V are fake-quantized with their per-cluster static parameters (K, V at the KV-cache bits).
+* The softmax output is rounded to a fixed unsigned grid (scale 1 / (2^b - 1), zero 0) when ``p_bits < 16``.
+* Observers (calibration) see q, k, v as [tokens, heads * head_dim] in the order they are quantized.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from .quantizers import ActQuant
+
+ATTN_IMPLEMENTATION = "rptq"
+
+
+class AttentionQuant(nn.Module):
+    """Per-layer attention quantization state; every part is optional."""
+
+    def __init__(self, qk_perm: torch.Tensor | None = None, q: ActQuant | None = None, k: ActQuant | None = None,
+                 v: ActQuant | None = None, p_bits: int = 16):
+        super().__init__()
+        self.register_buffer("qk_perm", qk_perm)  # int64 [kv_heads, head_dim]: post-RoPE R2 gather
+        self.q, self.k, self.v = q, k, v
+        self.p_bits = int(p_bits)
+        self.observer: Callable[[str, torch.Tensor], None] | None = None
+
+    def permute_qk(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.qk_perm is None:
+            return query, key
+        n_rep = query.shape[1] // key.shape[1]
+        key = key.gather(-1, self.qk_perm[None, :, None, :].expand_as(key))
+        q_perm = self.qk_perm.repeat_interleave(n_rep, 0)
+        return query.gather(-1, q_perm[None, :, None, :].expand_as(query)), key
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        if self.observer is not None:
+            b, h, t, d = x.shape
+            self.observer(name, x.transpose(1, 2).reshape(b * t, h * d))
+
+
+def quantize_probs(p: torch.Tensor, bits: int) -> torch.Tensor:
+    """Softmax output on the fixed grid k / (2^bits - 1)."""
+    levels = (1 << bits) - 1
+    return torch.round(p * levels) / levels
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+           scaling: float, p_bits: int = 16) -> torch.Tensor:
+    """softmax(q kᵀ · scaling + mask) v with GQA; q [B,Hq,T,D], k/v [B,Hkv,S,D] → [B,Hq,T,D]."""
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, 1)
+        value = value.repeat_interleave(n_rep, 1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if mask is not None:
+        scores = scores + mask[:, :, :, : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if p_bits < 16:
+        probs = quantize_probs(probs, p_bits)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
+def rptq_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
+    spec: AttentionQuant | None = getattr(module, "rptq", None)
+    p_bits = 16
+    if spec is not None:
+        query, key = spec.permute_qk(query, key)
+        spec.observe("q", query)
+        spec.observe("k", key)
+        spec.observe("v", value)
+        if spec.q is not None:
+            query = spec.q.forward_heads(query)
+        if spec.k is not None:
+            key = spec.k.forward_heads(key)
+        if spec.v is not None:
+            value = spec.v.forward_heads(value)
+        p_bits = spec.p_bits
+    out = attend(query, key, value, attention_mask, scaling, p_bits)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, rptq_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+def use_rptq_attention(model: nn.Module) -> None:
+    """Route every attention module of ``model`` through :func:`rptq_attention`."""
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -1,0 +1,66 @@
+"""A linear layer with packed low-bit weights and a static per-cluster input quantizer.
+
+With weight groups equal to the input's activation clusters (the RPTQ default), the whole layer is one
+``rptq::linear_aq`` call: quantize the input per cluster, integer dot products, scales in the epilogue.
+Otherwise the input is fake-quantized and the weight-only kernel ``rptq::linear_a16`` runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..quant.weights import QuantizedWeight
+from .quantizers import ActQuant
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bits: int, bias: torch.Tensor | None,
+                 act: ActQuant | None = None, weight: torch.Tensor | None = None,
+                 qweight: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                 zeros: torch.Tensor | None = None, group_sizes: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, int(bits)
+        self.act = act
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        if self.bits < 16:
+            self.register_buffer("qweight", qweight)
+            self.register_buffer("scales", scales)
+            self.register_buffer("zeros", zeros)
+            self.register_buffer("group_sizes", group_sizes.to(torch.int32))
+            self.weight = None
+        else:
+            self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.fused = (act is not None and self.bits < 16 and act.bits < 16
+                      and torch.equal(act.group_sizes.cpu(), self.group_sizes.cpu()))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quantized: QuantizedWeight | None, act: ActQuant | None) -> "QuantLinear":
+        bias = linear.bias.data if linear.bias is not None else None
+        if quantized is None:
+            return cls(linear.in_features, linear.out_features, bits=16, bias=bias, act=act, weight=linear.weight.data)
+        return cls(linear.in_features, linear.out_features, bits=quantized.bits, bias=bias, act=act,
+                   qweight=kernels.pack_weight(quantized.codes, quantized.bits), scales=quantized.scales,
+                   zeros=quantized.zeros, group_sizes=quantized.group_sizes)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight [out, in] this layer computes with (for tests and export checks)."""
+        if self.weight is not None:
+            return self.weight.float()
+        codes = kernels.unpack_weight(self.qweight, self.bits, self.out_features, self.in_features)
+        return QuantizedWeight(codes, self.scales, self.zeros, self.group_sizes, self.bits).dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            a = self.act
+            return kernels.linear_aq(x, self.qweight, self.scales, self.zeros, self.group_sizes, self.bits,
+                                     a.scale, a.zero, a.bits, self.bias)
+        if self.act is not None:
+            x = self.act(x)
+        if self.weight is not None:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return kernels.linear_a16(x, self.qweight, self.scales, self.zeros, self.group_sizes, self.bits, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, wbits={self.bits}, fused={self.fused}"

@@ -1,0 +1,162 @@
+"""The RPTQ pipeline, one decoder layer at a time (DESIGN §2):
+
+    stats → cluster → fold the reorder → calibrate activation ranges and GPTQ Hessians → quantize
+    weights and install the activation quantizers → run the quantized layer to feed the next one.
+
+The result is the model itself, rewritten in place with :class:`QuantLinear`, :class:`ReorderNorm` and the
+attention quantizers: the same modules a packed checkpoint loads into.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibrate import ChannelObserver, LayerRunner, LayerStats, StatsFile, observe_layer
+from .config import FP, QuantConfig
+from .models.base import Family, replace
+from .nn.attention import AttentionQuant
+from .nn.linear import QuantLinear
+from .nn.quantizers import ActQuant
+from .quant.clip import search_clip
+from .quant.gptq import GPTQ
+from .quant.grid import group_min_max
+from .quant.weights import rtn_quantize, weight_group_sizes
+from .reorder import HeadLayout, LayerPlan, fold_layer, head_layout, plan_layer
+
+CLIP_SAMPLE_ROWS = 2048  # token rows kept per activation point for the clipping search
+
+
+@dataclass
+class QuantReport:
+    """What happened, for provenance and logs."""
+    seconds: dict = field(default_factory=lambda: {"stats": 0.0, "cluster": 0.0, "calibrate": 0.0,
+                                                   "weights": 0.0, "propagate": 0.0})
+    gptq_loss: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PointGroups:
+    """Activation group sizes (after the reorder) at every point of one layer."""
+    x1: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o_in: torch.Tensor
+    x2: torch.Tensor
+    down_in: torch.Tensor
+
+    @classmethod
+    def from_plan(cls, plan: LayerPlan, heads: HeadLayout) -> "PointGroups":
+        return cls(x1=plan.r1.cluster_sizes, q=heads.query_group_sizes(plan.r2), k=plan.r2.cluster_sizes,
+                   v=plan.r3.cluster_sizes, o_in=heads.query_group_sizes(plan.r3), x2=plan.r4.cluster_sizes,
+                   down_in=plan.r5.cluster_sizes)
+
+
+def act_quantizer(observer: ChannelObserver, groups: torch.Tensor, bits: int, clip: str) -> ActQuant | None:
+    """Static per-group parameters from calibration: the group's min/max, or the MSE-best clipped range."""
+    if bits >= FP:
+        return None
+    if clip == "mse" and observer.kept:
+        lo, hi = search_clip(observer.samples(), groups, bits, observer.lo, observer.hi)
+    else:
+        lo, hi = group_min_max(observer.lo, observer.hi, groups)
+    return ActQuant.from_range(lo, hi, groups, bits)
+
+
+@contextlib.contextmanager
+def collect_hessians(layer: nn.Module, paths_by_input: list[tuple[str, ...]]):
+    """One GPTQ Hessian per distinct input (q/k/v share theirs, as do gate/up); yields {path: GPTQ}."""
+    solvers, hooks = {}, []
+    for paths in paths_by_input:
+        first = GPTQ(layer.get_submodule(paths[0]).weight.data)
+        solvers[paths[0]] = first
+        hooks.append(layer.get_submodule(paths[0]).register_forward_pre_hook(
+            lambda module, args, solver=first: solver.add_batch(args[0])))
+    try:
+        yield solvers
+    finally:
+        for h in hooks:
+            h.remove()
+    for paths in paths_by_input:
+        shared = solvers[paths[0]]
+        for path in paths[1:]:
+            solvers[path] = GPTQ(layer.get_submodule(path).weight.data)
+            # GPTQ damps its Hessian in place, so each solver gets its own copy
+            solvers[path].H, solvers[path].nsamples = shared.H.clone(), shared.nsamples
+
+
+def quantize_layer_weights(layer: nn.Module, family: Family, config: QuantConfig, groups: PointGroups,
+                           acts: dict[str, ActQuant | None], solvers: dict[str, GPTQ], report: QuantReport,
+                           layer_index: int) -> None:
+    """Replace every linear of the layer by a QuantLinear with quantized weight and input quantizer."""
+    inputs = [(family.q, "x1"), (family.k, "x1"), (family.v, "x1"), (family.o, "o_in"),
+              *((p, "x2") for p in family.mlp_in), (family.mlp_out, "down_in")]
+    for path, point in inputs:
+        linear = layer.get_submodule(path)
+        quantized = None
+        if config.quantizes_weights:
+            gs = weight_group_sizes(linear.in_features, config.weight_groups, getattr(groups, point))
+            if config.weight_quantizer == "gptq":
+                quantized = solvers[path].quantize(gs, config.wbits, config.blocksize, config.percdamp)
+                report.gptq_loss[f"{layer_index}.{path}"] = solvers[path].loss
+            else:
+                quantized = rtn_quantize(linear.weight.data.float(), gs, config.wbits)
+        replace(layer, path, QuantLinear.from_linear(linear, quantized, acts[point]))
+
+
+def quantize_model(model: nn.Module, family: Family, tokens: torch.Tensor, config: QuantConfig, *,
+                   stats: StatsFile | None = None, device: str | torch.device = "cpu", batch_size: int = 1,
+                   seed: int = 0, progress: bool = True) -> QuantReport:
+    """Quantize ``model`` in place with RPTQ, calibrating on ``tokens`` [nsamples, seqlen]."""
+    report = QuantReport()
+    runner = LayerRunner(model, family, tokens, device, batch_size)
+    heads = head_layout(family, model.config)
+    gptq = config.quantizes_weights and config.weight_quantizer == "gptq"
+    hidden = runner.inputs
+    n = len(runner.layers)
+    keep_rows = CLIP_SAMPLE_ROWS if config.act_clip == "mse" else 0
+    clock = time.perf_counter
+    for i, layer in enumerate(tqdm(runner.layers, desc=f"quantize {config.label}", unit="layer",
+                                   disable=not progress)):
+        tag = f"layer {i + 1}/{n}" if progress else ""
+        with runner.on_device(layer):
+            t = clock()
+            if stats is not None:
+                layer_stats: LayerStats = stats.layers[i]
+            else:
+                with observe_layer(layer, family) as observers:
+                    runner.forward(layer, hidden, desc=f"{tag} stats" if tag else "")
+                layer_stats = {p: (o.lo, o.hi) for p, o in observers.items()}
+            report.seconds["stats"] += clock() - t
+
+            t = clock()
+            plan = plan_layer(layer_stats, heads, config, seed=seed)
+            fold_layer(layer, family, heads, plan)
+            groups = PointGroups.from_plan(plan, heads)
+            report.seconds["cluster"] += clock() - t
+
+            t = clock()
+            shared_inputs = [(family.q, family.k, family.v), (family.o,), family.mlp_in, (family.mlp_out,)]
+            with observe_layer(layer, family, keep_rows=keep_rows, seed=seed) as observers, \
+                    (collect_hessians(layer, shared_inputs) if gptq else contextlib.nullcontext({})) as solvers:
+                runner.forward(layer, hidden, desc=f"{tag} calibrate" if tag else "")
+            acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip)
+                    for p in ("x1", "q", "k", "v", "o_in", "x2", "down_in")}
+            report.seconds["calibrate"] += clock() - t
+
+            t = clock()
+            quantize_layer_weights(layer, family, config, groups, acts, solvers, report, i)
+            attn = layer.get_submodule(family.attn)
+            attn.rptq = AttentionQuant(qk_perm=attn.rptq.qk_perm, q=acts["q"], k=acts["k"], v=acts["v"],
+                                       p_bits=config.act_bits("p"))
+            report.seconds["weights"] += clock() - t
+
+            t = clock()
+            hidden = runner.forward(layer, hidden, desc=f"{tag} propagate" if tag else "")
+            report.seconds["propagate"] += clock() - t
+    return report

@@ -1,0 +1,40 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from tiny import build_tokenizer, corpus_text, save_tiny  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: end-to-end runs of several seconds")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sample_text() -> str:
+    return corpus_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny-opt"), "opt")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(corpus_text() * 4)
+    return path

@@ -1,0 +1,127 @@
+"""The command line end to end on tiny random models (Click's CliRunner), offline."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from rptq_cli.calibrate import StatsFile
+from rptq_cli.cli import main
+
+CALIB = ["--nsamples", "4", "--seqlen", "32", "--seed", "0"]
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def assert_user_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def stats_file(tiny_opt_dir, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stats") / "stats.safetensors"
+    result = run("calibrate", tiny_opt_dir, "--calib-path", corpus_file, *CALIB, "-o", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_calibrate_writes_stats(stats_file, tiny_opt_dir):
+    stats = StatsFile.load(stats_file)
+    assert len(stats.layers) == 2
+    lo, hi = stats.layers[0]["x1"]
+    assert lo.shape == (64,) and bool((lo <= hi).all())
+    assert stats.meta["data"]["nsamples"] == 4 and stats.meta["data"]["source"].startswith("file:")
+    assert set(stats.layers[1]) == {"x1", "q", "k", "v", "o_in", "x2", "down_in"}
+
+
+def test_eval_fp_and_quantized(stats_file, tiny_opt_dir, corpus_file, tmp_path):
+    fp_json, q_json = tmp_path / "fp.json", tmp_path / "q.json"
+    result = run("eval", tiny_opt_dir, "--task", "wikitext", "--data-path", corpus_file, "--seqlen", 32,
+                 "--json", fp_json)
+    assert result.exit_code == 0, result.output
+    fp = json.loads(fp_json.read_text())
+    assert fp["quantization"] is None and fp["results"]["wikitext"]["seqlen"] == 32
+    assert fp["results"]["wikitext"]["windows"] >= 10
+
+    result = run("eval", tiny_opt_dir, "--task", "wikitext", "--data-path", corpus_file, "--wbits", 4, "--abits", 4,
+                 "--stats", stats_file, "--clusters", "R1=8,R2=2,R3=2,R4=8,R5=8", "--json", q_json)
+    assert result.exit_code == 0, result.output
+    q = json.loads(q_json.read_text())
+    assert q["quantization"]["label"] == "W4A4" and q["quantization"]["mode"] == "paper"
+    assert q["quantization"]["calibration"]["source"].startswith("file:")  # taken from the stats file
+    ppl_fp, ppl_q = fp["results"]["wikitext"]["ppl"], q["results"]["wikitext"]["ppl"]
+    assert ppl_q > 0 and abs(ppl_q - ppl_fp) / ppl_fp < 0.5 and ppl_q != ppl_fp
+
+
+def test_eval_preset_on_llama(tiny_llama_dir, corpus_file, tmp_path):
+    out = tmp_path / "r.json"
+    result = run("eval", tiny_llama_dir, "--data-path", corpus_file, "--config", "w4a4kv", "--calib-path",
+                 corpus_file, *CALIB, "--weight-quantizer", "rtn", "--json", out)
+    assert result.exit_code == 0, result.output
+    q = json.loads(out.read_text())["quantization"]
+    assert q["label"] == "W4A4KV" and q["kv_only"] and q["weight_quantizer"] == "rtn"
+
+
+def test_missing_model(tmp_path):
+    assert_user_error(run("eval", tmp_path / "nope"), "does not exist")
+
+
+def test_unsupported_architecture(tmp_path, tiny_tokenizer):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=384)).save_pretrained(tmp_path)
+    assert_user_error(run("eval", tmp_path), "GPT2LMHeadModel", "OPTForCausalLM", "LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("flags,words", [(["--wbits", "5"], ["--wbits 5", "2, 3, 4, 8, 16"]),
+                                         (["--abits", "2"], ["--abits 2"]),
+                                         (["--clusters", "R9=3"], ["R9"]),
+                                         (["--config", "w9a9"], ["w9a9", "w4a4kv"])])
+def test_bad_quantization_flags(tiny_opt_dir, corpus_file, flags, words):
+    assert_user_error(run("eval", tiny_opt_dir, "--data-path", corpus_file, *flags), *words)
+
+
+def test_data_shorter_than_one_window(tiny_opt_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("The river rises in the hills.")
+    assert_user_error(run("eval", tiny_opt_dir, "--data-path", short, "--seqlen", 64), "64")
+    assert_user_error(run("calibrate", tiny_opt_dir, "--calib-path", short, "--seqlen", 64, "-o",
+                          tmp_path / "s.safetensors"), "64")
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_missing_calibration_file(tiny_opt_dir, tmp_path):
+    assert_user_error(run("calibrate", tiny_opt_dir, "--calib-path", tmp_path / "none.txt", "-o",
+                          tmp_path / "s.safetensors"), "none.txt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_during_calibration(tiny_opt_dir, corpus_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_opt_dir)
+    with torch.no_grad():
+        model.model.decoder.layers[0].self_attn.q_proj.weight.fill_(float("inf"))
+    model.save_pretrained(tmp_path / "broken")
+    (tmp_path / "broken").joinpath("tokenizer.json").write_bytes((tiny_opt_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "broken").joinpath("tokenizer_config.json").write_bytes(
+        (tiny_opt_dir / "tokenizer_config.json").read_bytes())
+    out = tmp_path / "s.safetensors"
+    assert_user_error(run("calibrate", tmp_path / "broken", "--calib-path", corpus_file, *CALIB, "-o", out), "NaN")
+    assert not out.exists()
+
+
+def test_stats_of_another_model(stats_file, tiny_llama_dir, corpus_file):
+    assert_user_error(run("eval", tiny_llama_dir, "--data-path", corpus_file, "--wbits", 4, "--stats", stats_file),
+                      "re-run `rptq calibrate`")
+
+
+def test_foreign_stats_file(tiny_opt_dir, corpus_file, tmp_path):
+    bogus = tmp_path / "x.safetensors"
+    bogus.write_bytes(b"not a safetensors file")
+    assert_user_error(run("eval", tiny_opt_dir, "--data-path", corpus_file, "--wbits", 4, "--stats", bogus), "x.safetensors")

@@ -1,0 +1,326 @@
+"""The compiled CPU kernels against the reference (rptq_cli/kernels.py), on every ISA this CPU runs.
+
+Integer results (codes, packed bytes) are bit-exact. Float results: linear and attention outputs within
+``rtol = 1e-4`` of the output scale (float32 accumulation in a different order); the fused
+norm-quantize may differ by one quantization step on < 1 % of elements (a norm output that lands
+within float rounding of a grid midpoint).
+"""
+import pytest
+import torch
+
+from rptq_cli import kernels as K
+from rptq_cli.quant import grid
+from rptq_cli.quant.pack import pack_rows, packed_row_bytes
+
+pytestmark = pytest.mark.skipif(not K.compiled_available(), reason="compiled extension not built")
+
+ISAS = ["avx512vnni", "avx2", "scalar"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.delenv("RPTQ_KERNELS", raising=False)
+    got = K._C.set_cpu_isa(request.param)
+    if got != request.param:
+        K._C.set_cpu_isa("")
+        pytest.skip(f"this CPU does not run {request.param}")
+    yield got
+    K._C.set_cpu_isa("")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def random_groups(k, kind, g):
+    if kind == "one":
+        return torch.tensor([k], dtype=torch.int32)
+    if kind == "fixed":
+        sizes = [32] * (k // 32) + ([k % 32] if k % 32 else [])
+        return torch.tensor(sizes, dtype=torch.int32)
+    if kind == "tiny":  # sizes 1..3: every boundary straddles a SIMD chunk
+        sizes, left = [], k
+        while left:
+            s = min(left, 1 + len(sizes) % 3)
+            sizes.append(s)
+            left -= s
+        return torch.tensor(sizes, dtype=torch.int32)
+    cuts = torch.randperm(k - 1, generator=g)[: min(6, k - 1)].sort().values + 1
+    bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([k])])
+    return (bounds[1:] - bounds[:-1]).to(torch.int32)
+
+
+def make_layer(n, k, bits, kind, seed):
+    g = gen(seed)
+    gs = random_groups(k, kind, g)
+    G = gs.numel()
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, G, generator=g) * 0.02 + 0.001).half()
+    zeros = torch.randint(0, 1 << bits, (n, G), generator=g, dtype=torch.uint8)
+    return pack_rows(codes, bits), scales, zeros, gs
+
+
+def act_params(x, gs, bits):
+    lo, hi = grid.group_min_max(x.float().amin(0), x.float().amax(0), gs.long())
+    return grid.affine_params(lo * 0.9, hi * 0.9, bits)  # 0.9: some values clip
+
+
+def close(out, ref, rtol=1e-4):
+    scale = ref.float().abs().max().item() + 1e-6
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=rtol * scale + (
+        0 if out.dtype == torch.float32 else 2 ** -7 * scale))
+
+
+# ---- packing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k", [(3, 1), (5, 77), (4, 128), (2, 1000)])
+def test_pack_unpack_bit_exact(isa, bits, n, k):
+    codes = torch.randint(0, 1 << bits, (n, k), generator=gen(n * k + bits), dtype=torch.uint8)
+    packed = K.pack_weight(codes, bits)
+    assert torch.equal(packed, pack_rows(codes, bits))
+    assert torch.equal(K.unpack_weight(packed, bits, n, k), codes)
+
+
+# ---- W{2,3,4,8}A16 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
+def test_linear_a16(isa, bits, kind, m):
+    n, k = 37, 203
+    qw, scales, zeros, gs = make_layer(n, k, bits, kind, seed=bits * 100 + m)
+    x = torch.randn(m, k, generator=gen(m))
+    bias = torch.randn(n, generator=gen(1)) if m % 2 else None
+    out = K.linear_a16(x, qw, scales, zeros, gs, bits, bias)
+    close(out, K.ref_linear_a16(x, qw, scales, zeros, gs, bits, bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 12])
+def test_linear_a16_half_inputs(isa, dtype, m):
+    qw, scales, zeros, gs = make_layer(64, 256, 4, "uneven", seed=7)
+    x = torch.randn(2, m, 256, generator=gen(3)).to(dtype)
+    out = K.linear_a16(x, qw, scales, zeros, gs, 4)
+    assert out.dtype == dtype and out.shape == (2, m, 64)
+    close(out, K.ref_linear_a16(x, qw, scales, zeros, gs, 4))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 4096 // 16, 4096 // 4), (2, 160, 512)])
+def test_linear_a16_large_k(isa, m, n, k):
+    qw, scales, zeros, gs = make_layer(n, k, 4, "uneven", seed=11)
+    x = torch.randn(m, k, generator=gen(5))
+    close(K.linear_a16(x, qw, scales, zeros, gs, 4), K.ref_linear_a16(x, qw, scales, zeros, gs, 4))
+
+
+# ---- W4A8 / W4A4 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits,act_bits", [(4, 8), (4, 4), (3, 4), (2, 8), (8, 8)])
+@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])
+@pytest.mark.parametrize("m", [1, 5, 13])
+def test_linear_aq(isa, bits, act_bits, kind, m):
+    n, k = 70, 229
+    qw, scales, zeros, gs = make_layer(n, k, bits, kind, seed=bits + act_bits + m)
+    x = torch.randn(m, k, generator=gen(m + 1))
+    s, z = act_params(x, gs, act_bits)
+    bias = torch.randn(n, generator=gen(2)) if m != 5 else None
+    out = K.linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits, bias)
+    close(out, K.ref_linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits, bias))
+
+
+def test_linear_aq_large(isa):
+    n, k, m = 96, 1024, 20
+    qw, scales, zeros, gs = make_layer(n, k, 4, "uneven", seed=5)
+    x = torch.randn(m, k, generator=gen(9)) * 3
+    s, z = act_params(x, gs, 8)
+    close(K.linear_aq(x, qw, scales, zeros, gs, 4, s, z, 8), K.ref_linear_aq(x, qw, scales, zeros, gs, 4, s, z, 8))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_act_bit_exact(isa, bits):
+    x = torch.randn(7, 101, generator=gen(4)) * 5
+    gs = random_groups(101, "uneven", gen(4))
+    s, z = act_params(x, gs, bits)
+    assert torch.equal(K.quantize_act(x, s, z, gs, bits), K.ref_quantize_act(x, s, z, gs, bits))
+    assert torch.equal(K.fake_quant_act(x, s, z, gs, bits), K.ref_fake_quant_act(x, s, z, gs, bits))
+
+
+# ---- reorder-norm -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("c", [1, 67, 256])
+def test_reorder_norm(isa, rms, with_bias, c):
+    x = torch.randn(3, 5, c, generator=gen(c)) * 2 + 0.5
+    perm = torch.randperm(c, generator=gen(c + 1))
+    w = torch.randn(c, generator=gen(2))
+    b = torch.randn(c, generator=gen(3)) if with_bias else None
+    close(K.reorder_norm(x, perm, w, b, 1e-5, rms), K.ref_reorder_norm(x, perm, w, b, 1e-5, rms), rtol=1e-5)
+
+
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_reorder_norm_quantized_output(isa, act_bits):
+    c = 300
+    x = torch.randn(16, c, generator=gen(8))
+    perm = torch.randperm(c, generator=gen(9))
+    w = torch.rand(c, generator=gen(10)) + 0.5
+    gs = random_groups(c, "uneven", gen(11))
+    y = K.ref_reorder_norm(x, perm, w, None, 1e-5, False)
+    s, z = act_params(y, gs, act_bits)
+    out = K.reorder_norm(x, perm, w, None, 1e-5, False, s, z, gs, act_bits)
+    ref = K.ref_reorder_norm(x, perm, w, None, 1e-5, False, s, z, gs, act_bits)
+    diff = (out - ref).abs()
+    step = grid.expand_groups(s, gs.long())
+    assert bool((diff <= step * 1.001).all())
+    assert (diff > 1e-6).float().mean() < 0.01
+
+
+# ---- KV cache -----------------------------------------------------------------------------------------
+def kv_params(h, d, bits, seed):
+    g = gen(seed)
+    lo = -torch.rand(h, d, generator=g) * 3
+    hi = torch.rand(h, d, generator=g) * 3
+    return grid.affine_params(lo, hi, bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("d", [64, 80])
+def test_kv_pack_append_unpack(isa, bits, d):
+    b, h, t, s_len = 2, 3, 5, 9
+    x = torch.randn(b, h, t, d, generator=gen(d)) * 2
+    scale, zero = kv_params(h, d, bits, bits)
+    packed = K.kv_pack(x, scale, zero, bits)
+    assert packed.shape == (b, h, t, K.kv_row_bytes(d, bits))
+    assert torch.equal(packed, K.ref_kv_pack(x, scale, zero, bits))
+    assert torch.equal(K.kv_unpack(packed, scale, zero, bits, d), K.ref_kv_unpack(packed, scale, zero, bits, d))
+    cache = torch.zeros(b, h, s_len, K.kv_row_bytes(d, bits), dtype=torch.uint8)
+    ref = cache.clone()
+    K.kv_append(cache, x, scale, zero, bits, 3)
+    K.ref_kv_append(ref, x, scale, zero, bits, 3)
+    assert torch.equal(cache, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("hq,hkv,tq,d", [(4, 2, 1, 128), (4, 4, 3, 64), (6, 2, 2, 80), (2, 1, 1, 32)])
+@pytest.mark.parametrize("p_bits", [16, 8])
+def test_decode_attention(isa, bits, hq, hkv, tq, d, p_bits):
+    b, s_len, kv_len = 2, 50, 37
+    g = gen(bits * 1000 + d + tq)
+    k_scale, k_zero = kv_params(hkv, d, bits, 1)
+    v_scale, v_zero = kv_params(hkv, d, bits, 2)
+    k = K.kv_pack(torch.randn(b, hkv, s_len, d, generator=g) * 2, k_scale, k_zero, bits)
+    v = K.kv_pack(torch.randn(b, hkv, s_len, d, generator=g) * 2, v_scale, v_zero, bits)
+    q = torch.randn(b, hq, tq, d, generator=g)
+    args = (q, k, v, k_scale, k_zero, v_scale, v_zero, bits, kv_len, d ** -0.5, p_bits)
+    out, ref = K.decode_attention(*args), K.ref_decode_attention(*args)
+    if p_bits == 16:
+        close(out, ref)
+    else:  # P on a 1/255 grid: a probability within float rounding of a midpoint may round the other way
+        vmax = (v_scale * (1 << bits)).max().item()
+        assert (out - ref).abs().max().item() <= 4 / 255 * vmax
+
+
+def test_decode_attention_bf16_long(isa):
+    b, hq, hkv, d, s_len = 1, 8, 2, 128, 700
+    k_scale, k_zero = kv_params(hkv, d, 4, 3)
+    v_scale, v_zero = kv_params(hkv, d, 4, 4)
+    g = gen(5)
+    k = K.kv_pack(torch.randn(b, hkv, s_len, d, generator=g), k_scale, k_zero, 4)
+    v = K.kv_pack(torch.randn(b, hkv, s_len, d, generator=g), v_scale, v_zero, 4)
+    q = torch.randn(b, hq, 1, d, generator=g).bfloat16()
+    args = (q, k, v, k_scale, k_zero, v_scale, v_zero, 4, s_len, d ** -0.5, 16)
+    out = K.decode_attention(*args)
+    assert out.dtype == torch.bfloat16
+    close(out, K.ref_decode_attention(*args))
+
+
+# ---- misuse: clear errors, never an out-of-bounds read ------------------------------------------------
+def _layer():
+    qw, scales, zeros, gs = make_layer(8, 64, 4, "uneven", seed=1)
+    return torch.randn(2, 64), qw, scales, zeros, gs
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(x=a["x"].int()), "float"),
+    (lambda a: a.update(x=torch.randn(2, 100)), "qweight"),
+    (lambda a: a.update(qweight=a["qweight"][:, :-1]), "qweight"),
+    (lambda a: a.update(qweight=a["qweight"].int()), "uint8"),
+    (lambda a: a.update(zeros=a["zeros"][:, :-1]), "zeros"),
+    (lambda a: a.update(group_sizes=a["group_sizes"] + 1), "sum"),
+    (lambda a: a.update(group_sizes=torch.cat([a["group_sizes"][:1] * 0, a["group_sizes"][1:]])), "positive"),
+    (lambda a: a.update(group_sizes=a["group_sizes"][1:]), "group"),
+    (lambda a: a.update(bits=5), "bits"),
+    (lambda a: a.update(bias=torch.zeros(7)), "bias"),
+])
+@pytest.mark.parametrize("via", ["python", "op"])
+def test_linear_misuse(isa, mutate, match, via):
+    x, qw, scales, zeros, gs = _layer()
+    a = dict(x=x, qweight=qw, scales=scales, zeros=zeros, group_sizes=gs, bits=4, bias=None)
+    mutate(a)
+    fn = K.linear_a16 if via == "python" else torch.ops.rptq.linear_a16
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        fn(a["x"], a["qweight"], a["scales"], a["zeros"], a["group_sizes"], a["bits"], a["bias"])
+
+
+def test_misuse_other_ops(isa):
+    x, qw, scales, zeros, gs = _layer()
+    s, z = act_params(x, gs, 8)
+    for fn in (K.linear_aq, torch.ops.rptq.linear_aq):
+        with pytest.raises((ValueError, RuntimeError), match="act"):
+            fn(x, qw, scales, zeros, gs, 4, s[:-1], z, 8)
+        with pytest.raises((ValueError, RuntimeError), match="bits"):
+            fn(x, qw, scales, zeros, gs, 4, s, z, 9)
+    for fn in (K.reorder_norm, torch.ops.rptq.reorder_norm):
+        with pytest.raises((ValueError, RuntimeError), match="perm"):
+            fn(x, torch.arange(64) + 1, torch.ones(64), None, 1e-5, False)
+        with pytest.raises((ValueError, RuntimeError), match="weight"):
+            fn(x, torch.arange(64), torch.ones(63), None, 1e-5, False)
+    scale, zero = kv_params(2, 64, 4, 1)
+    cache = torch.zeros(1, 2, 4, K.kv_row_bytes(64, 4), dtype=torch.uint8)
+    for fn in (K.kv_append, torch.ops.rptq.kv_append):
+        with pytest.raises((ValueError, RuntimeError), match="fit"):
+            fn(cache, torch.randn(1, 2, 3, 64), scale, zero, 4, 2)
+        with pytest.raises((ValueError, RuntimeError), match="cache"):
+            fn(cache[:, :, :, :-1], torch.randn(1, 2, 1, 64), scale, zero, 4, 0)
+    q = torch.randn(1, 3, 1, 64)
+    for fn in (K.decode_attention, torch.ops.rptq.decode_attention):
+        with pytest.raises((ValueError, RuntimeError), match="multiple"):
+            fn(q, cache, cache, scale, zero, scale, zero, 4, 4, 0.1, 16)
+        with pytest.raises((ValueError, RuntimeError), match="kv_len"):
+            fn(q[:, :2], cache, cache, scale, zero, scale, zero, 4, 5, 0.1, 16)
+        with pytest.raises((ValueError, RuntimeError), match="scale"):
+            fn(q[:, :2], cache, cache, scale[:1], zero, scale, zero, 4, 4, 0.1, 16)
+
+
+def test_non_contiguous_inputs(isa):
+    qw, scales, zeros, gs = make_layer(16, 96, 4, "uneven", seed=3)
+    x = torch.randn(96, 3, generator=gen(1)).t()  # non-contiguous
+    ref = K.ref_linear_a16(x.contiguous(), qw, scales, zeros, gs, 4)
+    close(K.linear_a16(x, qw, scales, zeros, gs, 4), ref)
+    close(torch.ops.rptq.linear_a16(x, qw, scales, zeros, gs, 4), ref)
+    wide = torch.zeros(16, qw.shape[1] * 2, dtype=torch.uint8)
+    wide[:, ::2] = qw
+    close(K.linear_a16(x, wide[:, ::2], scales, zeros, gs, 4), ref)
+
+
+# ---- backend, switch, fake --------------------------------------------------------------------------
+def test_backend_and_reference_switch(monkeypatch):
+    monkeypatch.delenv("RPTQ_KERNELS", raising=False)
+    assert K.backend().startswith("cpu-")
+    monkeypatch.setenv("RPTQ_KERNELS", "reference")
+    assert K.backend() == "reference"
+    qw, scales, zeros, gs = make_layer(8, 40, 4, "uneven", seed=1)
+    x = torch.randn(1, 40)
+    assert torch.equal(K.linear_a16(x, qw, scales, zeros, gs, 4), K.ref_linear_a16(x, qw, scales, zeros, gs, 4))
+
+
+def test_fake_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(3, 5, 70)
+        y = torch.ops.rptq.linear_a16(x, torch.empty(9, packed_row_bytes(70, 4), dtype=torch.uint8),
+                                      torch.empty(9, 2), torch.empty(9, 2, dtype=torch.uint8),
+                                      torch.empty(2, dtype=torch.int32), 4)
+        assert y.shape == (3, 5, 9)
+        kv = torch.ops.rptq.kv_pack(torch.empty(1, 2, 3, 80), torch.empty(2, 80), torch.empty(2, 80, dtype=torch.int32), 3)
+        assert kv.shape == (1, 2, 3, 36)
+        o = torch.ops.rptq.decode_attention(torch.empty(1, 4, 1, 64), kv, kv, torch.empty(2, 64),
+                                            torch.empty(2, 64, dtype=torch.int32), torch.empty(2, 64),
+                                            torch.empty(2, 64, dtype=torch.int32), 3, 3, 0.1)
+        assert o.shape == (1, 4, 1, 64)
