@@ -157,9 +157,10 @@ Tensor linear_a16(const Tensor& x, const Tensor& qweight, const Tensor& scales, 
                        w.zeros.data_ptr<uint8_t>(), w.gs.data_ptr<int32_t>(), int(w.G), w.N, w.K, int(bits),
                        b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
   } else {
-    // Prefill: dequantize in slabs of rows (bounded memory) and multiply with torch's sgemm.
-    y = at::empty({M, w.N}, x2.options());
-    const int64_t slab = std::max<int64_t>(64, (int64_t(16) << 20) / std::max<int64_t>(1, w.K * 4));
+    // Prefill: dequantize slabs of rows (bounded memory) and multiply with torch's sgemm; yT[N, M] keeps
+    // each slab's output contiguous.
+    Tensor yT = at::empty({w.N, M}, x2.options());
+    const int64_t slab = std::max<int64_t>(64, (int64_t(32) << 20) / std::max<int64_t>(1, w.K * 4));
     Tensor wf = at::empty({std::min(slab, w.N), w.K}, x2.options());
     const int64_t rb = row_bytes(w.K, bits);
     for (int64_t n0 = 0; n0 < w.N; n0 += slab) {
@@ -168,12 +169,10 @@ Tensor linear_a16(const Tensor& x, const Tensor& qweight, const Tensor& scales, 
       table().dequant_weight(w.qw.data_ptr<uint8_t>() + n0 * rb, w.scales.data_ptr<float>() + n0 * w.G,
                              w.zeros.data_ptr<uint8_t>() + n0 * w.G, w.gs.data_ptr<int32_t>(), int(w.G), n, w.K,
                              int(bits), wn.data_ptr<float>());
-      Tensor yn = y.narrow(1, n0, n);
-      if (b.defined())
-        at::addmm_out(yn, b.narrow(0, n0, n), x2, wn.t());
-      else
-        at::mm_out(yn, x2, wn.t());
+      Tensor yn = yT.narrow(0, n0, n);
+      at::mm_out(yn, wn, x2.t());
     }
+    y = b.defined() ? yT.t() + b : yT.t().contiguous();
   }
   return y.to(x.scalar_type()).reshape(out_shape(x, w.N));
 }
@@ -253,9 +252,11 @@ Tensor reorder_norm(const Tensor& x, const Tensor& perm, const Tensor& weight, c
   TORCH_CHECK(perm.dim() == 1 && perm.numel() == C && (perm.scalar_type() == at::kLong || perm.scalar_type() == at::kInt),
               "rptq::reorder_norm: perm must be int64 [", C, "]");
   Tensor p = perm.to(at::kLong).contiguous();
-  if (C) {
-    TORCH_CHECK(p.min().item<int64_t>() >= 0 && p.max().item<int64_t>() < C,
-                "rptq::reorder_norm: perm has an index outside [0, ", C, ")");
+  {
+    const int64_t* pp = p.data_ptr<int64_t>();
+    bool ok = true;
+    for (int64_t i = 0; i < C; ++i) ok &= (pp[i] >= 0) & (pp[i] < C);
+    TORCH_CHECK(ok, "rptq::reorder_norm: perm has an index outside [0, ", C, ")");
   }
   TORCH_CHECK(weight.dim() == 1 && weight.numel() == C && is_float(weight), "rptq::reorder_norm: weight must be float [",
               C, "]");

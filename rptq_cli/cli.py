@@ -169,12 +169,20 @@ def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only,
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
     device = resolve_device(device)
-    net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
+    from .export import is_quantized_checkpoint, load_quantized
+    if is_quantized_checkpoint(model):
+        if config is not None:
+            raise RptqError(f"{model} is already quantized; drop the quantization flags to evaluate it as it is")
+        net, tokenizer = load_quantized(model, dtype=resolve_dtype(dtype, device))
+        family = None
+    else:
+        net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
     _check_seqlen(seqlen, net.config)
     eval_seqlen = seqlen or default_seqlen(net.config)
     texts = {task: eval_tokens(task, tokenizer, seqlen=eval_seqlen, data_path=path)
              for task, path in zip(tasks, data_paths or [None] * len(tasks))}
-    quantization = None
+    quantization = {"label": net.rptq_config.label, "checkpoint": model, **net.rptq_config.to_dict()} \
+        if family is None else None
     if config is not None:
         quantization = _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path,
                                            nsamples, seqlen, seed, batch_size, device)
@@ -204,6 +212,95 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
                             seed=provenance["seed"])
     return {"label": config.label, **config.to_dict(), "calibration": provenance,
             "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
+
+
+def _load_for_inference(model: str, device, dtype):
+    """A packed rptq checkpoint or a plain FP model, on ``device``."""
+    from .export import is_quantized_checkpoint, load_quantized
+    from .loading import load_model
+    if is_quantized_checkpoint(model):
+        net, tokenizer = load_quantized(model, dtype=dtype)
+        return net.to(device), tokenizer, True
+    net, tokenizer, _ = load_model(model, dtype)
+    from .nn.attention import use_rptq_attention
+    use_rptq_attention(net)
+    return net.to(device), tokenizer, False
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@quant_options
+@calib_options
+@model_options
+@_run
+def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
+             no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
+             dtype):
+    """Quantize MODEL with RPTQ and write a packed checkpoint directory."""
+    from .export import save_quantized, source_hashes
+    from .loading import load_model, resolve_device, resolve_dtype
+    from .report import checkpoint_summary
+    if Path(output).exists() and not force:
+        raise RptqError(f"{output} already exists; pass --force to replace it or choose another -o")
+    config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
+                           no_reorder, act_clip)
+    if config is None:
+        raise RptqError("nothing to quantize: give --wbits/--abits below 16 or a --config preset (e.g. w4a4kv)")
+    device = resolve_device(device)
+    start = time.perf_counter()
+    net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
+    _check_seqlen(seqlen, net.config)
+    load_seconds = time.perf_counter() - start
+    quantization = _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path,
+                                       nsamples, seqlen, seed, batch_size, device)
+    start = time.perf_counter()
+    provenance = {"source_model": model, "source_files_sha256": source_hashes(model),
+                  "calibration": quantization["calibration"], "stats_file": stats_path,
+                  "seconds": {"load": round(load_seconds, 3), **quantization["seconds"]}}
+    save_quantized(net.cpu(), tokenizer, config, output, provenance=provenance, force=force)
+    total = load_seconds + sum(quantization["seconds"].values()) + time.perf_counter() - start
+    click.echo(f"wrote {output} ({config.label}, {config.mode} mode) in {total:.1f}s")
+    click.echo(checkpoint_summary(Path(output), model, net))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0: greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
+@click.option("--verbose", "-v", is_flag=True, help="Backend, speed and KV-cache bytes per token.")
+@model_options
+@_run
+def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, device, dtype):
+    """Generate text from MODEL (an rptq checkpoint or an FP model) with its packed KV cache."""
+    import torch
+
+    from . import kernels
+    from .loading import resolve_device, resolve_dtype
+    from .nn.kv_cache import PackedKVCache
+    device = resolve_device(device)
+    net, tokenizer, quantized = _load_for_inference(model, device, resolve_dtype(dtype, device))
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    cache = PackedKVCache.from_model(net)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    with torch.no_grad():
+        out = net.generate(**inputs, max_new_tokens=max_new_tokens, past_key_values=cache,
+                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    seconds = time.perf_counter() - start
+    new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
+    click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
+    if verbose:
+        click.echo(f"backend: {kernels.backend(device)}; {new_tokens} tokens in {seconds:.2f}s "
+                   f"({new_tokens / seconds:.1f} tokens/s)", err=True)
+        if cache is not None:
+            from .report import kv_bytes_line
+            click.echo(kv_bytes_line(cache), err=True)
 
 
 @main.command()

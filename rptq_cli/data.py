@@ -81,12 +81,12 @@ def calibration_windows(
         raise RptqError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be positive; pass --nsamples N --seqlen L")
     if (dataset is None) == (path is None):
         raise RptqError(
-            "give a calibration dataset name or a file, not both or neither: --dataset NAME or --data-path FILE"
+            "give one calibration source, not both or neither: --calib-dataset NAME or --calib-path FILE"
         )
     if dataset is not None and dataset not in CALIBRATION_DATASETS:
         raise RptqError(
             f"unknown calibration dataset {dataset!r}; use one of {', '.join(CALIBRATION_DATASETS)} "
-            "or pass --data-path FILE"
+            "or pass --calib-path FILE"
         )
 
     if path is not None:
@@ -180,7 +180,7 @@ def _random_windows(tokens: torch.Tensor, count: int, seqlen: int, rng: random.R
     n = tokens.numel()
     if n <= seqlen:
         raise RptqError(
-            f"{source} has {n} tokens, fewer than one window of {seqlen} (+1); "
+            f"{source} has {n} tokens, fewer than the {seqlen + 1} that one window of {seqlen} needs; "
             "use a longer file or a smaller --seqlen"
         )
     starts = [rng.randint(0, n - seqlen - 1) for _ in range(count)]
@@ -211,7 +211,7 @@ def _document_windows(
         if misses == MAX_CONSECUTIVE_SHORT_DOCUMENTS:
             raise RptqError(
                 f"{source}: {misses} random documents in a row are not longer than {seqlen} tokens; "
-                "use a smaller --seqlen or pass --data-path FILE"
+                "use a smaller --seqlen or a local text file"
             )
     return torch.stack(windows), used_docs
 
@@ -232,9 +232,7 @@ def read_text(path: str) -> str:
     column, joined the same way), anything else read whole as UTF-8 text (.txt, .raw, ...)."""
     file = Path(path)
     if not file.is_file():
-        raise RptqError(
-            f"data file {path} does not exist; pass --data-path with an existing .txt, .jsonl or .parquet file"
-        )
+        raise RptqError(f"data file {path} does not exist; give an existing .txt, .jsonl or .parquet file")
     readers: dict[str, Callable[[Path], Iterable[str]]] = {".jsonl": _jsonl_texts, ".parquet": _parquet_texts}
     reader = readers.get(file.suffix.lower())
     try:
@@ -281,8 +279,8 @@ def _hub_texts(split: HubSplit) -> Sequence[str]:
     except Exception as error:  # the hub raises many types (offline, not found, gated); all mean the same here
         cause = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RptqError(
-            f"could not load dataset {split.describe()} ({cause}); connect to the Hugging Face hub once "
-            "to cache it, or pass --data-path FILE with the text"
+            f"could not load dataset {split.describe()} ({cause}); connect to the Hugging Face hub once to cache "
+            "it, or give the text as a local file (--calib-path FILE to calibrate, --data-path FILE to evaluate)"
         ) from None
     return rows[split.field]
 

@@ -199,7 +199,8 @@ def test_parquet_without_text_column_raises(tmp_path):
 def test_text_shorter_than_a_window_raises(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("The river rose.", encoding="utf-8")
-    with pytest.raises(RptqError, match=r"has \d+ tokens, fewer than one window of 64.*smaller --seqlen"):
+    message = r"has \d+ tokens, fewer than the 65 that one window of 64 needs.*smaller --seqlen"
+    with pytest.raises(RptqError, match=message):
         calibration_windows(TOKENIZER, dataset=None, path=str(path), nsamples=1, seqlen=64, seed=0)
 
 
@@ -212,12 +213,12 @@ def test_missing_file_raises(tmp_path):
 
 @pytest.mark.parametrize("dataset, path", [("wikitext2", "x.txt"), (None, None)])
 def test_exactly_one_source_required(dataset, path):
-    with pytest.raises(RptqError, match="not both or neither"):
+    with pytest.raises(RptqError, match="not both or neither: --calib-dataset NAME or --calib-path FILE"):
         calibration_windows(TOKENIZER, dataset=dataset, path=path, nsamples=1, seqlen=4, seed=0)
 
 
 def test_unknown_names_raise(hub):
-    with pytest.raises(RptqError, match="unknown calibration dataset 'pile'.*--data-path"):
+    with pytest.raises(RptqError, match="unknown calibration dataset 'pile'.*--calib-path FILE"):
         calibration_windows(TOKENIZER, dataset="pile", path=None, nsamples=1, seqlen=4, seed=0)
     with pytest.raises(RptqError, match="unknown evaluation task 'lambada'"):
         eval_tokens("lambada", TOKENIZER, seqlen=4)
@@ -264,7 +265,8 @@ def test_c4_calibration_draws_long_documents_only(hub):
 
 def test_c4_corpus_without_long_documents_raises(hub, monkeypatch):
     monkeypatch.setattr(data, "MAX_CONSECUTIVE_SHORT_DOCUMENTS", 50)
-    with pytest.raises(RptqError, match="50 random documents in a row are not longer than 4096 tokens.*--seqlen"):
+    message = "50 random documents in a row are not longer than 4096 tokens; use a smaller --seqlen"
+    with pytest.raises(RptqError, match=message):
         calibration_windows(TOKENIZER, dataset="c4", path=None, nsamples=1, seqlen=4096, seed=0)
 
 
@@ -308,6 +310,6 @@ def test_hub_dataset_unavailable_offline_names_the_fix(monkeypatch):
         raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (OfflineModeIsEnabled)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    message = "could not load dataset Salesforce/wikitext.*OfflineModeIsEnabled.*--data-path FILE"
+    message = "could not load dataset Salesforce/wikitext.*OfflineModeIsEnabled.*--data-path FILE to evaluate"
     with pytest.raises(RptqError, match=message):
         eval_tokens("wikitext", TOKENIZER, seqlen=16)

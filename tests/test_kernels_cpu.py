@@ -231,6 +231,15 @@ def test_decode_attention_bf16_long(isa):
 
 
 # ---- misuse: clear errors, never an out-of-bounds read ------------------------------------------------
+@pytest.fixture(params=["compiled", "reference"])
+def mode(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setenv("RPTQ_KERNELS", "reference")
+    else:
+        monkeypatch.delenv("RPTQ_KERNELS", raising=False)
+    return request.param
+
+
 def _layer():
     qw, scales, zeros, gs = make_layer(8, 64, 4, "uneven", seed=1)
     return torch.randn(2, 64), qw, scales, zeros, gs
@@ -249,7 +258,7 @@ def _layer():
     (lambda a: a.update(bias=torch.zeros(7)), "bias"),
 ])
 @pytest.mark.parametrize("via", ["python", "op"])
-def test_linear_misuse(isa, mutate, match, via):
+def test_linear_misuse(mode, mutate, match, via):
     x, qw, scales, zeros, gs = _layer()
     a = dict(x=x, qweight=qw, scales=scales, zeros=zeros, group_sizes=gs, bits=4, bias=None)
     mutate(a)
@@ -258,7 +267,7 @@ def test_linear_misuse(isa, mutate, match, via):
         fn(a["x"], a["qweight"], a["scales"], a["zeros"], a["group_sizes"], a["bits"], a["bias"])
 
 
-def test_misuse_other_ops(isa):
+def test_misuse_other_ops(mode):
     x, qw, scales, zeros, gs = _layer()
     s, z = act_params(x, gs, 8)
     for fn in (K.linear_aq, torch.ops.rptq.linear_aq):
@@ -324,3 +333,22 @@ def test_fake_shapes():
                                             torch.empty(2, 64, dtype=torch.int32), torch.empty(2, 64),
                                             torch.empty(2, 64, dtype=torch.int32), 3, 3, 0.1)
         assert o.shape == (1, 4, 1, 64)
+
+
+def test_missing_extension_warns_once_and_runs_reference():
+    import subprocess
+    import sys
+    code = (
+        "import sys, warnings; sys.modules['rptq_cli._C'] = None\n"
+        "warnings.simplefilter('always')\n"
+        "import torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    from rptq_cli import kernels as K\n"
+        "    from rptq_cli.quant import grid\n"
+        "    s, z = grid.affine_params(-torch.ones(3), torch.ones(3), 8)\n"
+        "    gs = torch.tensor([1, 2, 3], dtype=torch.int32)\n"
+        "    for _ in range(3): K.quantize_act(torch.randn(2, 6), s, z, gs, 8)\n"
+        "    print(K.backend(), sum('compiled kernels not available' in str(x.message) for x in w))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["reference", "1"]

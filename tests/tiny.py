@@ -53,6 +53,7 @@ def build_model(family: str = "opt", seed: int = 0, **cfg):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.3 * torch.randn_like(p))
             elif p.dim() == 1:  # biases
                 p.normal_(0, 0.05)
+            p.copy_(p.half().float())  # fp16-exact, like weights loaded from a real fp16 checkpoint
     return model.eval()
 
 

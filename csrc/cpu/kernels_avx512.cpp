@@ -62,19 +62,22 @@ inline __m512 unpack16_ps(const uint8_t* row, int64_t c) {
 
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// software prefetch distance of the weight stream, in rows
+constexpr int64_t kPrefetchRows = 2;
+
 // A group's run of 16-lane chunks; a chunk that straddles two groups appears in both, with the
 // activation lanes outside the group zeroed (so every group/row layout is exact, no padding needed).
 struct Segments {
   int64_t n = 0;
   int64_t* chunk = nullptr;   // [n] chunk index
-  uint16_t* mask = nullptr;   // [n] lanes inside the group
+  uint32_t* mask = nullptr;   // [n] lanes inside the group
   int64_t* first = nullptr;   // [G + 1] first segment of group g
   ~Segments() {
     std::free(chunk);
     std::free(mask);
     std::free(first);
   }
-  // lanes = chunk width (16 floats, or 4 bytes for the VNNI k-steps)
+  // lanes = chunk width (32 codes = one block, 16 floats, or 4 bytes for the VNNI k-steps)
   void build(const int32_t* gs, int G, int lanes) {
     first = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (G + 1)));
     int64_t cnt = 0, s = 0;
@@ -84,7 +87,7 @@ struct Segments {
       s = e;
     }
     chunk = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * (cnt + 1)));
-    mask = static_cast<uint16_t*>(std::malloc(sizeof(uint16_t) * (cnt + 1)));
+    mask = static_cast<uint32_t*>(std::malloc(sizeof(uint32_t) * (cnt + 1)));
     s = 0;
     n = 0;
     for (int g = 0; g < G; ++g) {
@@ -93,7 +96,7 @@ struct Segments {
       for (int64_t c = s / lanes; c <= (e - 1) / lanes; ++c) {
         const int64_t lo = imax(s, c * lanes) - c * lanes, hi = imin(e, (c + 1) * lanes) - c * lanes;
         chunk[n] = c;
-        mask[n] = uint16_t(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+        mask[n] = uint32_t(((uint64_t(1) << hi) - 1u) & ~((uint64_t(1) << lo) - 1u));
         ++n;
       }
       s = e;
@@ -112,6 +115,8 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
                const float* bias, float* y) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = qw + n * rb;
+    if (n + kPrefetchRows < n1)
+      for (int64_t i = 0; i < rb; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * rb + i), _MM_HINT_T0);
     const float* sc = scales + n * G;
     const uint8_t* zr = zeros + n * G;
     __m512 tot[M];
@@ -148,7 +153,7 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
 template <int M, int BITS>
 void gemv(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb, const float* scales,
           const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-#pragma omp parallel
+#pragma omp parallel if (N * rb * 2 > kParallelMin)
   {
     const int nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t per = (N + nt - 1) / nt;
@@ -172,9 +177,106 @@ void gemv_m(int M, const float* xs, const Segments& sg, const float* xsum, const
   }
 }
 
+// 4-bit fast path: one 16-byte load serves a whole block (32 codes). The high nibbles are used in
+// place (code·16, no shift) against activations pre-divided by 16 — exact, a power of two.
+template <int M>
+void gemv4_rows(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb,
+                const float* scales, const uint8_t* zeros, int G, int64_t n0, int64_t n1, int64_t N,
+                const float* bias, float* y) {
+  const __m512i lo_mask = _mm512_set1_epi32(0x0F), hi_mask = _mm512_set1_epi32(0xF0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = qw + n * rb;
+    if (n + kPrefetchRows < n1)  // more misses in flight than the hardware prefetcher keeps for one stream
+      for (int64_t i = 0; i < rb; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * rb + i), _MM_HINT_T0);
+    const float* sc = scales + n * G;
+    const uint8_t* zr = zeros + n * G;
+    __m512 tot[M];
+    float corr[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      tot[m] = _mm512_setzero_ps();
+      corr[m] = 0.f;
+    }
+    for (int g = 0; g < G; ++g) {
+      __m512 acc[M];
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+      for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + sg.chunk[s] * 16)));
+        const __m512 wl = _mm512_cvtepi32_ps(_mm512_and_si512(v, lo_mask));
+        const __m512 wh = _mm512_cvtepi32_ps(_mm512_and_si512(v, hi_mask));
+        const float* xv = xs + s * 32 * M;
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          acc[m] = _mm512_fmadd_ps(wl, _mm512_load_ps(xv + 32 * m), acc[m]);
+          acc[m] = _mm512_fmadd_ps(wh, _mm512_load_ps(xv + 32 * m + 16), acc[m]);
+        }
+      }
+      const __m512 sv = _mm512_set1_ps(sc[g]);
+      const float sz = sc[g] * float(zr[g]);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
+        corr[m] += sz * xsum[m * G + g];
+      }
+    }
+    const float b = bias ? bias[n] : 0.f;
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(tot[m]) - corr[m] + b;
+  }
+}
+
+template <int M>
+void gemv4(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb, const float* scales,
+           const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
+#pragma omp parallel if (N * rb * 2 > kParallelMin)
+  {
+    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t per = (N + nt - 1) / nt;
+    const int64_t n0 = imin(N, t * per), n1 = imin(N, n0 + per);
+    gemv4_rows<M>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
+  }
+}
+
+void v_gemv4(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
+             const int32_t* gs, int G, int64_t N, int64_t K, const float* bias, float* y) {
+  Segments sg;
+  sg.build(gs, G, 32);
+  Buf<float> xs(sg.n * 32 * M);  // [seg][m][32]: lanes 0..15 = x, lanes 16..31 = x / 16, outside the group 0
+  Buf<float> xsum(M * G);
+  for (int g = 0; g < G; ++g) {
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
+        const int64_t c = sg.chunk[s];
+        const int64_t valid = imin(32, K - c * 32);
+        const uint32_t mk = uint32_t(sg.mask[s] & ((uint64_t(1) << valid) - 1u));
+        const __m512 lo = _mm512_maskz_loadu_ps(__mmask16(mk & 0xFFFF), x + m * K + c * 32);
+        const __m512 hi = _mm512_maskz_loadu_ps(__mmask16(mk >> 16), x + m * K + c * 32 + 16);
+        _mm512_store_ps(xs.p + (s * M + m) * 32, lo);
+        _mm512_store_ps(xs.p + (s * M + m) * 32 + 16, _mm512_mul_ps(hi, _mm512_set1_ps(1.0f / 16)));
+        acc = _mm512_add_ps(acc, _mm512_add_ps(lo, hi));
+      }
+      xsum[m * G + g] = hsum(acc);
+    }
+  }
+  const int64_t rb = row_bytes(K, 4);
+  switch (M) {
+    case 1: return gemv4<1>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 2: return gemv4<2>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 3: return gemv4<3>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 4: return gemv4<4>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 5: return gemv4<5>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 6: return gemv4<6>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 7: return gemv4<7>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    default: return gemv4<8>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+  }
+}
+
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                   const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y) {
   if (M > 8 || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
+  if (bits == 4) return v_gemv4(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   Segments sg;
   sg.build(gs, G, 16);
   // masked activations, segment-major: xs[s][m][16]
@@ -221,37 +323,53 @@ struct AqTile {
   float* sc;      // [G][64]  act_scale·scale
 };
 
+// Accumulators are named variables (GCC spills an array of vectors to the stack every k-step).
+#define RPTQ_ACC_ROW(r)                                                                        \
+  __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = _mm512_setzero_si512(),                  \
+          c##r##2 = _mm512_setzero_si512(), c##r##3 = _mm512_setzero_si512();
+#define RPTQ_DP_ROW(r)                                                                         \
+  if constexpr (MB > r) {                                                                      \
+    const __m512i av = _mm512_set1_epi32(int32_t(a[r]));                                       \
+    c##r##0 = _mm512_dpbusd_epi32(c##r##0, av, w0);                                            \
+    c##r##1 = _mm512_dpbusd_epi32(c##r##1, av, w1);                                            \
+    c##r##2 = _mm512_dpbusd_epi32(c##r##2, av, w2);                                            \
+    c##r##3 = _mm512_dpbusd_epi32(c##r##3, av, w3);                                            \
+  }
+#define RPTQ_SAVE_ROW(r)                                                                       \
+  if constexpr (MB > r) {                                                                      \
+    _mm512_store_si512(out + (r * 4 + 0) * 16, c##r##0);                                      \
+    _mm512_store_si512(out + (r * 4 + 1) * 16, c##r##1);                                      \
+    _mm512_store_si512(out + (r * 4 + 2) * 16, c##r##2);                                      \
+    _mm512_store_si512(out + (r * 4 + 3) * 16, c##r##3);                                      \
+  }
+
+// Σ over segments [s0, s1) of a·c for MB rows × 64 columns → out[MB*4][16] int32
+template <int MB>
+inline void aq_dot(const uint32_t* aw, const Segments& sg, int64_t s0, int64_t s1, const uint32_t* wt, int32_t* out) {
+  RPTQ_ACC_ROW(0) RPTQ_ACC_ROW(1) RPTQ_ACC_ROW(2) RPTQ_ACC_ROW(3) RPTQ_ACC_ROW(4) RPTQ_ACC_ROW(5)
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint32_t* wrow = wt + sg.chunk[s] * kNT;
+    const __m512i w0 = _mm512_load_si512(wrow), w1 = _mm512_load_si512(wrow + 16);
+    const __m512i w2 = _mm512_load_si512(wrow + 32), w3 = _mm512_load_si512(wrow + 48);
+    const uint32_t* a = aw + s * kMB;
+    RPTQ_DP_ROW(0) RPTQ_DP_ROW(1) RPTQ_DP_ROW(2) RPTQ_DP_ROW(3) RPTQ_DP_ROW(4) RPTQ_DP_ROW(5)
+  }
+  RPTQ_SAVE_ROW(0) RPTQ_SAVE_ROW(1) RPTQ_SAVE_ROW(2) RPTQ_SAVE_ROW(3) RPTQ_SAVE_ROW(4) RPTQ_SAVE_ROW(5)
+}
+
 template <int MB>
 void aq_micro(const uint32_t* aw, const int32_t* asum, const Segments& sg, int G, const AqTile& t, float* facc) {
-  // aw: [seg][MB] activation words of these rows; asum: [MB][G]; facc: [MB][64] float accumulators
+  // aw: [seg][kMB] activation words of these rows; asum: [kMB][G]; facc: [kMB][64] float accumulators
+  alignas(64) int32_t acc[kMB * 4 * 16];
   for (int g = 0; g < G; ++g) {
-    __m512i acc[MB][4];
-#pragma GCC unroll 6
-    for (int r = 0; r < MB; ++r)
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_si512();
-    for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
-      const uint32_t* wrow = t.wt + sg.chunk[s] * kNT;
-      const __m512i w0 = _mm512_load_si512(wrow), w1 = _mm512_load_si512(wrow + 16);
-      const __m512i w2 = _mm512_load_si512(wrow + 32), w3 = _mm512_load_si512(wrow + 48);
-      const uint32_t* a = aw + s * MB;
-#pragma GCC unroll 6
-      for (int r = 0; r < MB; ++r) {
-        const __m512i av = _mm512_set1_epi32(int32_t(a[r]));
-        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, w0);
-        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, w1);
-        acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], av, w2);
-        acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], av, w3);
-      }
-    }
-#pragma GCC unroll 4
+    aq_dot<MB>(aw, sg, sg.first[g], sg.first[g + 1], t.wt, acc);
     for (int j = 0; j < 4; ++j) {
       const __m512i zw = _mm512_load_si512(t.zw + g * kNT + 16 * j);
       const __m512i kc = _mm512_load_si512(t.kc + g * kNT + 16 * j);
       const __m512 sc = _mm512_load_ps(t.sc + g * kNT + 16 * j);
-#pragma GCC unroll 6
       for (int r = 0; r < MB; ++r) {
-        __m512i d = _mm512_sub_epi32(acc[r][j], _mm512_mullo_epi32(zw, _mm512_set1_epi32(asum[r * G + g])));
+        __m512i d = _mm512_load_si512(acc + (r * 4 + j) * 16);
+        d = _mm512_sub_epi32(d, _mm512_mullo_epi32(zw, _mm512_set1_epi32(asum[r * G + g])));
         d = _mm512_sub_epi32(d, kc);
         float* f = facc + r * kNT + 16 * j;
         _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, _mm512_load_ps(f)));
@@ -260,23 +378,78 @@ void aq_micro(const uint32_t* aw, const int32_t* asum, const Segments& sg, int G
   }
 }
 
+// Repack nn (≤ 64) packed rows into the VNNI tile wt[k4][64] (u32 = 4 codes of one column); missing
+// columns are zero. k-blocks of 16 chunks outer so that the scattered stores stay in L1.
+template <int BITS>
+void repack_tile_b(const uint8_t* rows, int64_t rb, int64_t nn, int64_t K16, uint32_t* wt) {
+  for (int64_t c0 = 0; c0 < K16; c0 += 16) {
+    const int64_t c1 = imin(K16, c0 + 16);
+    for (int64_t j = 0; j < kNT; ++j) {
+      if (j >= nn) {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int i = 0; i < 4; ++i) wt[(4 * c + i) * kNT + j] = 0;
+        continue;
+      }
+      const uint8_t* row = rows + j * rb;
+      for (int64_t c = c0; c < c1; ++c) {
+        alignas(16) uint32_t w4[4];
+        _mm_store_si128(reinterpret_cast<__m128i*>(w4), _mm512_cvtepi32_epi8(unpack16<BITS>(row, c)));
+        for (int i = 0; i < 4; ++i) wt[(4 * c + i) * kNT + j] = w4[i];
+      }
+    }
+  }
+}
+
+void repack_tile(const uint8_t* rows, int64_t rb, int64_t nn, int64_t K16, int bits, uint32_t* wt) {
+  switch (bits) {
+    case 2: return repack_tile_b<2>(rows, rb, nn, K16, wt);
+    case 3: return repack_tile_b<3>(rows, rb, nn, K16, wt);
+    default: return repack_tile_b<4>(rows, rb, nn, K16, wt);
+  }
+}
+
+// Σ codes over the segments [s0, s1) (the group's bytes only) for the 64 columns of a tile
+inline void csum_tile(const Segments& sg, int64_t s0, int64_t s1, const uint32_t* wt, int32_t* out) {
+  __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0;
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint32_t mk = sg.mask[s];
+    const uint32_t ones = (mk & 1 ? 0x01u : 0u) | (mk & 2 ? 0x0100u : 0u) | (mk & 4 ? 0x010000u : 0u) |
+                          (mk & 8 ? 0x01000000u : 0u);
+    const __m512i av = _mm512_set1_epi32(int32_t(ones));
+    const uint32_t* wrow = wt + sg.chunk[s] * kNT;
+    c0 = _mm512_dpbusd_epi32(c0, av, _mm512_load_si512(wrow));
+    c1 = _mm512_dpbusd_epi32(c1, av, _mm512_load_si512(wrow + 16));
+    c2 = _mm512_dpbusd_epi32(c2, av, _mm512_load_si512(wrow + 32));
+    c3 = _mm512_dpbusd_epi32(c3, av, _mm512_load_si512(wrow + 48));
+  }
+  _mm512_store_si512(out, c0);
+  _mm512_store_si512(out + 16, c1);
+  _mm512_store_si512(out + 32, c2);
+  _mm512_store_si512(out + 48, c3);
+}
+
 void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                  const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                  const int32_t* act_zero, int act_bits, const float* bias, float* y) {
   if (bits > 4 || M < 1 || K < 1 || N < 1)  // 8-bit codes are no s8 operand: portable path
     return g_linear_aq(x, M, qw, scales, zeros, gs, G, N, K, bits, act_scale, act_zero, act_bits, bias, y);
+  if (M <= 8) {  // decode: the weight stream dominates; run the GEMV on the fake-quantized rows
+    Buf<float> fq(M * K);
+    g_quantize_act(x, M, K, act_scale, act_zero, gs, G, act_bits, nullptr, fq.p);
+    return v_linear_a16(fq.p, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
+  }
   Buf<int64_t> off(G + 1);
   group_offsets(gs, G, off.p);
   Segments sg;
   sg.build(gs, G, 4);
-  const int64_t K4 = (K + 3) / 4, ns = sg.n;
+  const int64_t K4 = (K + 3) / 4, K16 = (K + 15) / 16, ns = sg.n;
   const int64_t nmb = (M + kMB - 1) / kMB;
   // activation codes, then per-micro-tile words aw[mb][seg][kMB] and sums asum[mb][kMB][G]
   Buf<uint8_t> a(M * K4 * 4);
   Buf<uint32_t> aw(nmb * ns * kMB);
   Buf<int32_t> asum(nmb * kMB * G);
   const int qmax = (1 << act_bits) - 1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (M * K > kParallelMin)
   for (int64_t m = 0; m < M; ++m) {
     uint8_t* am = a.p + m * K4 * 4;
     for (int g = 0; g < G; ++g) {
@@ -293,7 +466,7 @@ void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scal
     const uint32_t* a32 = reinterpret_cast<const uint32_t*>(am);
     uint32_t* dst = aw.p + (m / kMB) * ns * kMB + m % kMB;
     for (int64_t s = 0; s < ns; ++s) {
-      const uint16_t mk = sg.mask[s];
+      const uint32_t mk = sg.mask[s];
       const uint32_t bytes = (mk & 1 ? 0xFFu : 0u) | (mk & 2 ? 0xFF00u : 0u) | (mk & 4 ? 0xFF0000u : 0u) |
                              (mk & 8 ? 0xFF000000u : 0u);
       dst[s * kMB] = a32[sg.chunk[s]] & bytes;
@@ -305,35 +478,27 @@ void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scal
   }
   const int64_t rb = row_bytes(K, bits);
   const int64_t ntiles = (N + kNT - 1) / kNT;
-#pragma omp parallel
+#pragma omp parallel if (M * N * K > kParallelMin)
   {
-    Buf<uint32_t> wt(K4 * kNT);
+    Buf<uint32_t> wt(K16 * 4 * kNT);
     Buf<int32_t> zw(G * kNT), kc(G * kNT);
     Buf<float> sc(G * kNT);
-    Buf<uint8_t> codes(K4 * 4);
     Buf<float> facc(kMB * kNT);
     AqTile t{wt.p, zw.p, kc.p, sc.p};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t n0 = tile * kNT, nn = imin(kNT, N - n0);
-      for (int64_t j = 0; j < kNT; ++j) {
-        if (j >= nn) {
-          for (int64_t k4 = 0; k4 < K4; ++k4) wt[k4 * kNT + j] = 0;
-          for (int g = 0; g < G; ++g) zw[g * kNT + j] = kc[g * kNT + j] = 0, sc[g * kNT + j] = 0.f;
-          continue;
-        }
-        const int64_t n = n0 + j;
-        unpack_row(qw + n * rb, K, bits, codes.p);
-        for (int64_t k = K; k < K4 * 4; ++k) codes[k] = 0;
-        const uint32_t* c32 = reinterpret_cast<const uint32_t*>(codes.p);
-        for (int64_t k4 = 0; k4 < K4; ++k4) wt[k4 * kNT + j] = c32[k4];
-        for (int g = 0; g < G; ++g) {
-          int32_t csum = 0;
-          for (int64_t k = off[g]; k < off[g + 1]; ++k) csum += codes[k];
-          const int32_t za = act_zero[g], z = zeros[n * G + g], len = int32_t(off[g + 1] - off[g]);
+      repack_tile(qw + n0 * rb, rb, nn, K16, bits, wt.p);
+      // Σc of each (column, group) with the same dot kernel: an "activation" of ones inside the group
+      for (int g = 0; g < G; ++g) {
+        alignas(64) int32_t cs[4 * 16];
+        csum_tile(sg, sg.first[g], sg.first[g + 1], wt.p, cs);
+        const int32_t za = act_zero[g], len = int32_t(off[g + 1] - off[g]);
+        for (int64_t j = 0; j < kNT; ++j) {
+          const int32_t z = j < nn ? zeros[(n0 + j) * G + g] : 0;
           zw[g * kNT + j] = z;
-          kc[g * kNT + j] = za * csum - len * za * z;
-          sc[g * kNT + j] = act_scale[g] * scales[n * G + g];
+          kc[g * kNT + j] = za * cs[j] - len * za * z;
+          sc[g * kNT + j] = j < nn ? act_scale[g] * scales[(n0 + j) * G + g] : 0.f;
         }
       }
       for (int64_t mb = 0; mb < nmb; ++mb) {
@@ -341,13 +506,217 @@ void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scal
         for (int i = 0; i < kMB * kNT; ++i) facc[i] = 0.f;
         const uint32_t* awm = aw.p + mb * ns * kMB;
         const int32_t* asm_ = asum.p + mb * kMB * G;
-        // MB = kMB always (padding rows are zero); the row count only limits the store
-        aq_micro<kMB>(awm, asm_, sg, G, t, facc.p);
+        switch (rows) {  // aw/asum keep a stride of kMB rows; padding rows are zero
+          case 1: aq_micro<1>(awm, asm_, sg, G, t, facc.p); break;
+          case 2: aq_micro<2>(awm, asm_, sg, G, t, facc.p); break;
+          case 3: aq_micro<3>(awm, asm_, sg, G, t, facc.p); break;
+          case 4: aq_micro<4>(awm, asm_, sg, G, t, facc.p); break;
+          case 5: aq_micro<5>(awm, asm_, sg, G, t, facc.p); break;
+          default: aq_micro<kMB>(awm, asm_, sg, G, t, facc.p);
+        }
         for (int r = 0; r < rows; ++r)
           for (int64_t j = 0; j < nn; ++j)
             y[(mb * kMB + r) * N + n0 + j] = facc[r * kNT + j] + (bias ? bias[n0 + j] : 0.f);
       }
     }
+  }
+}
+
+// ---- decode attention over the packed KV cache -------------------------------------------------------
+// score = Σ_d q_d (c_d − z_d) s_d · scaling = Σ_d q'_d c_d − Σ_d q'_d z_d with q' = q · s · scaling:
+// K codes are converted to float in registers and multiplied with q'; out_d = s_d (Σ_s p_s c_sd − z_d Σ p_s)
+// accumulates raw V codes. The fp K/V of the cache never exist in memory.
+
+// exp for x ≤ 0 (Cephes-style: 2^n · p(r), |error| ≈ 1 ulp)
+inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// softmax of sc[0..len) in place (float32), then P on the p_bits grid
+inline void softmax_row(float* sc, int64_t len, int p_bits) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 16 <= len; s += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + s));
+  float m = _mm512_reduce_max_ps(mx);
+  for (; s < len; ++s) m = sc[s] > m ? sc[s] : m;
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  for (s = 0; s < len; s += 16) {
+    const __mmask16 mk = len - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - s)) - 1u);
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc + s), mv));
+    _mm512_mask_storeu_ps(sc + s, mk, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(mk, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+  const bool grid = p_bits < 16;
+  const __m512 lv = _mm512_set1_ps(float((1 << (p_bits < 16 ? p_bits : 1)) - 1));
+  for (s = 0; s < len; s += 16) {
+    const __mmask16 mk = len - s >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - s)) - 1u);
+    __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, sc + s), inv);
+    if (grid)
+      p = _mm512_div_ps(_mm512_roundscale_ps(_mm512_mul_ps(p, lv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lv);
+    _mm512_mask_storeu_ps(sc + s, mk, p);
+  }
+}
+
+// Σ_s p_s · codes_s for one query, head dims in C registers (C = 4 or 8 chunks of 16)
+constexpr int64_t kPrefetchKv = 16;  // KV rows ahead
+
+template <int BITS, int C>
+inline void pv_fixed(const float* p, int64_t kv_len, const uint8_t* vb, int64_t rb, float* out) {
+  __m512 a[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < kv_len; ++s) {
+    const float ps = p[s];
+    if (ps == 0.f) continue;
+    const __m512 pv = _mm512_set1_ps(ps);
+    const uint8_t* row = vb + s * rb;
+    if (s + kPrefetchKv < kv_len) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(pv, unpack16_ps<BITS>(row, c), a[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) _mm512_store_ps(out + 16 * c, a[c]);
+}
+
+template <int BITS>
+void attn_head(const float* const* qrows, int64_t nq, int64_t Tq, int64_t D, const uint8_t* kb, const uint8_t* vb,
+               int64_t rb, const float* ks, const int32_t* kz, const float* vs, const int32_t* vz, int64_t kv_len,
+               float scaling, int p_bits, float* const* orows, float* qs, float* qc, float* scores, float* acc,
+               float* psum) {
+  const int64_t C = (D + 15) / 16;  // 16-lane chunks of a row
+  for (int64_t j = 0; j < nq; ++j) {  // q' = q · k_scale · scaling (zero beyond D), qc = Σ q' z
+    float c = 0.f;
+    for (int64_t d = 0; d < C * 16; ++d) {
+      const float v = d < D ? qrows[j][d] * ks[d] * scaling : 0.f;
+      qs[j * C * 16 + d] = v;
+      if (d < D) c += v * float(kz[d]);
+    }
+    qc[j] = c;
+  }
+  for (int64_t s = 0; s < kv_len; ++s) {
+    const uint8_t* row = kb + s * rb;
+    if (s + kPrefetchKv < kv_len) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
+    for (int64_t j = 0; j < nq; ++j) {
+      const float* qj = qs + j * C * 16;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      int64_t c = 0;
+      for (; c + 2 <= C; c += 2) {
+        a0 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c), _mm512_load_ps(qj + 16 * c), a0);
+        a1 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c + 1), _mm512_load_ps(qj + 16 * c + 16), a1);
+      }
+      if (c < C) a0 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c), _mm512_load_ps(qj + 16 * c), a0);
+      scores[j * kv_len + s] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) - qc[j];
+    }
+  }
+  for (int64_t j = 0; j < nq; ++j) {
+    const int64_t t = j % Tq, visible = kv_len - Tq + t + 1;
+    float* sc = scores + j * kv_len;
+    softmax_row(sc, visible, p_bits);
+    float ps = 0.f;
+    for (int64_t s = 0; s < visible; ++s) ps += sc[s];
+    for (int64_t s = visible; s < kv_len; ++s) sc[s] = 0.f;
+    psum[j] = ps;
+  }
+  if (C == 8) {
+    for (int64_t j = 0; j < nq; ++j) pv_fixed<BITS, 8>(scores + j * kv_len, kv_len, vb, rb, acc + j * C * 16);
+  } else if (C == 4) {
+    for (int64_t j = 0; j < nq; ++j) pv_fixed<BITS, 4>(scores + j * kv_len, kv_len, vb, rb, acc + j * C * 16);
+  } else {
+    for (int64_t i = 0; i < nq * C * 16; ++i) acc[i] = 0.f;
+    for (int64_t s = 0; s < kv_len; ++s) {
+      const uint8_t* row = vb + s * rb;
+      for (int64_t c = 0; c < C; ++c) {
+        const __m512 v = unpack16_ps<BITS>(row, c);
+        for (int64_t j = 0; j < nq; ++j) {
+          float* a = acc + (j * C + c) * 16;
+          _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[j * kv_len + s]), v, _mm512_load_ps(a)));
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < nq; ++j)
+    for (int64_t d = 0; d < D; ++d) orows[j][d] = vs[d] * (acc[j * C * 16 + d] - float(vz[d]) * psum[j]);
+}
+
+void v_decode_attention(const float* q, int64_t B, int64_t Hq, int64_t Tq, int64_t D, const uint8_t* kp,
+                        const uint8_t* vp, int64_t Hkv, int64_t S, const float* k_scale, const int32_t* k_zero,
+                        const float* v_scale, const int32_t* v_zero, int bits, int64_t kv_len, float scaling,
+                        int p_bits, float* out) {
+  const int64_t rb = row_bytes(D, bits), rep = Hq / Hkv, nq = rep * Tq, C = (D + 15) / 16;
+#pragma omp parallel if (B * Hkv * kv_len * D > kParallelMin)
+  {
+    Buf<const float*> qrows(nq);
+    Buf<float*> orows(nq);
+    Buf<float> qs(nq * C * 16), qc(nq), scores(nq * kv_len), acc(nq * C * 16), psum(nq);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+      const int64_t b = bh / Hkv, hk = bh % Hkv;
+      for (int64_t j = 0; j < nq; ++j) {  // query j = (head r of the kv group, position t)
+        const int64_t r = j / Tq, t = j % Tq, off = (((b * Hq) + hk * rep + r) * Tq + t) * D;
+        qrows[j] = q + off;
+        orows[j] = out + off;
+      }
+      const uint8_t* kb = kp + bh * S * rb;
+      const uint8_t* vb = vp + bh * S * rb;
+#define RPTQ_ATTN(BITS_)                                                                                      \
+  attn_head<BITS_>(qrows.p, nq, Tq, D, kb, vb, rb, k_scale + hk * D, k_zero + hk * D, v_scale + hk * D,       \
+                   v_zero + hk * D, kv_len, scaling, p_bits, orows.p, qs.p, qc.p, scores.p, acc.p, psum.p)
+      switch (bits) {
+        case 2: RPTQ_ATTN(2); break;
+        case 3: RPTQ_ATTN(3); break;
+        case 4: RPTQ_ATTN(4); break;
+        default: RPTQ_ATTN(8);
+      }
+#undef RPTQ_ATTN
+    }
+  }
+}
+
+// ---- dequantize rows to float32 (the prefill GEMM path feeds these to torch's sgemm) -------------------
+template <int BITS>
+void dequant_rows(const uint8_t* qw, const float* scales, const uint8_t* zeros, const Segments& sg, int G,
+                  int64_t N, int64_t K, float* out) {
+  const int64_t rb = row_bytes(K, BITS);
+#pragma omp parallel for schedule(static) if (N * K > kParallelMin)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* row = qw + n * rb;
+    float* o = out + n * K;
+    for (int g = 0; g < G; ++g) {
+      const __m512 s = _mm512_set1_ps(scales[n * G + g]), z = _mm512_set1_ps(float(zeros[n * G + g]));
+      for (int64_t i = sg.first[g]; i < sg.first[g + 1]; ++i) {
+        const int64_t c = sg.chunk[i];
+        const int64_t valid = imin(16, K - c * 16);
+        const __mmask16 mk = __mmask16(sg.mask[i] & ((1u << valid) - 1u));
+        _mm512_mask_storeu_ps(o + c * 16, mk, _mm512_mul_ps(_mm512_sub_ps(unpack16_ps<BITS>(row, c), z), s));
+      }
+    }
+  }
+}
+
+void v_dequant_weight(const uint8_t* qw, const float* scales, const uint8_t* zeros, const int32_t* gs, int G,
+                      int64_t N, int64_t K, int bits, float* out) {
+  if (K < 1) return;
+  Segments sg;
+  sg.build(gs, G, 16);
+  switch (bits) {
+    case 2: return dequant_rows<2>(qw, scales, zeros, sg, G, N, K, out);
+    case 3: return dequant_rows<3>(qw, scales, zeros, sg, G, N, K, out);
+    case 4: return dequant_rows<4>(qw, scales, zeros, sg, G, N, K, out);
+    default: return dequant_rows<8>(qw, scales, zeros, sg, G, N, K, out);
   }
 }
 
@@ -361,6 +730,8 @@ void fill_avx512(KernelTable* t) {
   avx512::fill_generic(t);
   t->linear_a16 = avx512::v_linear_a16;
   t->linear_aq = avx512::v_linear_aq;
+  t->dequant_weight = avx512::v_dequant_weight;
+  t->decode_attention = avx512::v_decode_attention;
   t->isa = "avx512vnni";
 }
 }  // namespace rptq_cpu

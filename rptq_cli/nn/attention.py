@@ -22,6 +22,8 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from .. import kernels
+from .kv_cache import PackedKVLayer
 from .quantizers import ActQuant
 
 ATTN_IMPLEMENTATION = "rptq"
@@ -77,6 +79,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
 def rptq_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
     spec: AttentionQuant | None = getattr(module, "rptq", None)
+    if isinstance(key, PackedKVLayer):  # the packed cache returns itself: K/V live as codes
+        return packed_attention(spec, query, key, attention_mask, scaling)
     p_bits = 16
     if spec is not None:
         query, key = spec.permute_qk(query, key)
@@ -91,6 +95,23 @@ def rptq_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
             value = spec.v.forward_heads(value)
         p_bits = spec.p_bits
     out = attend(query, key, value, attention_mask, scaling, p_bits)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def packed_attention(spec: AttentionQuant, query: torch.Tensor, cache, attention_mask: torch.Tensor | None,
+                     scaling: float):
+    """Attention of new queries over a packed KV cache layer (keys already in R2 order)."""
+    if spec.qk_perm is not None:
+        n_rep = query.shape[1] // spec.qk_perm.shape[0]
+        query = query.gather(-1, spec.qk_perm.repeat_interleave(n_rep, 0)[None, :, None, :].expand_as(query))
+    if spec.q is not None:
+        query = spec.q.forward_heads(query)
+    if query.shape[0] == 1:  # a single sequence: the mask is purely causal, which the kernel applies itself
+        out = kernels.decode_attention(query, cache.keys, cache.values, cache.k_scale, cache.k_zero, cache.v_scale,
+                                       cache.v_zero, cache.bits, cache.length, scaling, spec.p_bits)
+    else:  # padded batches carry a general mask: dequantize and attend
+        key, value = cache.dequantized()
+        out = attend(query, key, value, attention_mask, scaling, spec.p_bits)
     return out.transpose(1, 2).contiguous(), None
 
 

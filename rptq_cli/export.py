@@ -1,0 +1,375 @@
+"""The quantized checkpoint: a directory a user can copy, inspect and load (DESIGN §5).
+
+    out/
+      config.json            the model's HF config + quantization_config (quant_method "rptq", format version)
+      model.safetensors      packed weights and every quantization parameter (sharded with an index when big)
+      tokenizer files
+      rptq.json              provenance: tool version, source model and its file hashes, calibration, timings
+
+Tensor names are the module paths of the quantized model (``…q_proj.qweight``, ``…self_attn_layer_norm.perm``,
+``…self_attn.rptq.k.scale``), so the checkpoint reads like the model it loads into:
+
+| tensor | dtype | shape | meaning |
+|---|---|---|---|
+| `<linear>.qweight` | uint8 | [N, packed_row_bytes(K)] | codes, `block_q{bits}` layout (quant/pack.py) |
+| `<linear>.scales` | float16 | [N, G] | per (row, group) scale |
+| `<linear>.zeros` | uint8 | [packed_row_bytes(N·G)] | zero-points packed at the weight's bit width |
+| `<linear>.group_sizes` | int32 | [G] | input-channel groups (the input's clusters by default) |
+| `<linear>.weight` | float16 | [N, K] | only when weights stay FP (--wbits 16) |
+| `<linear>.act.{scale,zero,group_sizes}` | float32, uint8, int32 | [Ga] | static input quantizer |
+| `<norm>.{weight,bias,perm}` | float16, float16, int32 | [C] | reordered norm |
+| `<attn>.rptq.{q,k,v}.{scale,zero,group_sizes}` | as above | [G] | Q and KV-cache quantizers |
+| `<attn>.rptq.qk_perm` | int32 | [kv_heads, head_dim] | post-RoPE R2 gather (RoPE families) |
+| everything else (embeddings, final norm, lm_head, biases) | float16 | as in the FP model | |
+
+Writing goes to a temporary sibling directory that is renamed into place at the end; reading checks the
+format version and every tensor's presence, dtype and shape.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from . import __version__
+from .config import QuantConfig
+from .errors import RptqError
+from .models import Family, family_for
+from .nn.attention import AttentionQuant, use_rptq_attention
+from .nn.linear import QuantLinear
+from .nn.norm import ReorderNorm
+from .nn.quantizers import ActQuant
+from .quant.pack import pack_zeros, packed_row_bytes, unpack_zeros
+
+QUANT_METHOD = "rptq"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 4 * 1024**3
+FILE_TAG = "rptq_format_version"  # safetensors metadata key that marks our weight files
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _act_tensors(prefix: str, act: ActQuant) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.scale": act.scale.float(), f"{prefix}.zero": act.zero.to(torch.uint8),
+            f"{prefix}.group_sizes": act.group_sizes.to(torch.int32)}
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of a quantized model under its module path, in its on-disk dtype."""
+    tensors: dict[str, torch.Tensor] = {}
+    owned: set[str] = set()
+    for name, module in model.named_modules():
+        p = f"{name}."
+        if isinstance(module, QuantLinear):
+            if module.bits < 16:
+                tensors.update({p + "qweight": module.qweight, p + "scales": module.scales.half(),
+                                p + "zeros": pack_zeros(module.zeros, module.bits),
+                                p + "group_sizes": module.group_sizes.to(torch.int32)})
+            else:
+                tensors[p + "weight"] = module.weight.half()
+            if module.bias is not None:
+                tensors[p + "bias"] = module.bias.half()
+            if module.act is not None:
+                tensors.update(_act_tensors(p + "act", module.act))
+        elif isinstance(module, ReorderNorm):
+            tensors.update({p + "weight": module.weight.half(), p + "perm": module.perm.to(torch.int32)})
+            if module.bias is not None:
+                tensors[p + "bias"] = module.bias.half()
+        elif isinstance(module, AttentionQuant):
+            if module.qk_perm is not None:
+                tensors[p + "qk_perm"] = module.qk_perm.to(torch.int32)
+            for which in ("q", "k", "v"):
+                if getattr(module, which) is not None:
+                    tensors.update(_act_tensors(p + which, getattr(module, which)))
+        else:
+            continue
+        owned.add(p)
+    for key, value in model.state_dict().items():  # embeddings, final norm, lm_head, OPT positions
+        if not any(key.startswith(o) for o in owned):
+            tensors[key] = value.half() if value.is_floating_point() else value
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    # clone: modules share small tensors (q/k/v read the same group sizes), which safetensors refuses
+    return {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensors[key]
+        size += nbytes
+    shards.append(current)
+    return shards
+
+
+def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    # one key only: safetensors writes its metadata map in hash order, and equal inputs must give equal bytes
+    metadata = {FILE_TAG: str(FORMAT_VERSION)}
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2, sort_keys=True) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_hashes(model_name: str) -> dict[str, str]:
+    """sha256 of the source model's weight files when it is a local directory (else {})."""
+    path = Path(model_name)
+    if not path.is_dir():
+        return {}
+    return {f.name: file_sha256(f) for f in sorted(path.iterdir())
+            if f.suffix in (".safetensors", ".bin") and f.is_file()}
+
+
+def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str | os.PathLike, *,
+                   provenance: dict, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write the checkpoint atomically: a temporary sibling directory, renamed into place when complete."""
+    output = Path(output)
+    if output.exists() and not force:
+        raise RptqError(f"{output} already exists; pass --force to replace it or choose another -o")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        write_weights(checkpoint_tensors(model), tmp, max_shard_bytes)
+        hf_config = model.config.to_dict()
+        hf_config.pop("_attn_implementation_autoset", None)
+        hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+                                            "packing": "block_q{bits} (rptq_cli/quant/pack.py)",
+                                            "label": config.label, **config.to_dict()}
+        hf_config["torch_dtype"] = hf_config["dtype"] = "float16"
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "rptq.json").write_text(json.dumps({"tool": "rptq", "tool_version": __version__, **provenance},
+                                                  indent=2, sort_keys=True) + "\n")
+        _publish_permissions(tmp)
+        _replace_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _publish_permissions(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give the checkpoint the modes of ordinary new files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing target is moved aside first and deleted after."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    with contextlib.suppress(ValueError, OSError):
+        return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+    return False
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / INDEX_NAME
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise RptqError(f"{directory} has no {WEIGHTS_NAME}; the checkpoint is incomplete, re-run `rptq quantize`")
+    tensors = {}
+    for name in files:
+        try:
+            with safe_open(str(directory / name), "pt") as f:
+                if FILE_TAG not in (f.metadata() or {}):
+                    raise RptqError(f"{directory / name} is not an rptq checkpoint file; re-run `rptq quantize`")
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        except RptqError:
+            raise
+        except Exception as exc:
+            raise RptqError(f"cannot read {directory / name} ({exc}): the file is truncated or corrupted; "
+                            "re-run `rptq quantize`") from None
+    return tensors
+
+
+class _Tensors:
+    """Checkpoint tensors taken one by one, each checked for presence, dtype and (optionally) shape."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], where: Path):
+        self.tensors, self.where = tensors, where
+
+    def take(self, name: str, dtype: torch.dtype, shape: tuple | None = None) -> torch.Tensor:
+        if name not in self.tensors:
+            raise RptqError(f"checkpoint {self.where} is missing tensor {name}; it is incomplete or of another "
+                            "format, re-run `rptq quantize`")
+        t = self.tensors.pop(name)
+        if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
+            raise RptqError(f"checkpoint tensor {name} is {t.dtype} {tuple(t.shape)}, expected {dtype} "
+                            f"{tuple(shape) if shape is not None else '(any shape)'}; the checkpoint is corrupted")
+        return t
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def act(self, prefix: str, channels: int, bits: int) -> ActQuant | None:
+        if bits >= 16:
+            return None
+        sizes = self.take(f"{prefix}.group_sizes", torch.int32)
+        g = sizes.numel()
+        if int(sizes.sum()) != channels or bool((sizes <= 0).any()):
+            raise RptqError(f"checkpoint tensor {prefix}.group_sizes does not cover {channels} channels")
+        return ActQuant(self.take(f"{prefix}.scale", torch.float32, (g,)),
+                        self.take(f"{prefix}.zero", torch.uint8, (g,)).to(torch.int32), sizes, bits)
+
+
+def _load_linear(t: _Tensors, path: str, linear: nn.Module, wbits: int, act_bits: int, dtype) -> QuantLinear:
+    n, k = linear.out_features, linear.in_features
+    bias = t.take(f"{path}.bias", torch.float16, (n,)).to(dtype) if t.has(f"{path}.bias") else None
+    act = t.act(f"{path}.act", k, act_bits)
+    if wbits >= 16:
+        return QuantLinear(k, n, bits=16, bias=bias, act=act, weight=t.take(f"{path}.weight", torch.float16, (n, k)).to(dtype))
+    sizes = t.take(f"{path}.group_sizes", torch.int32)
+    g = sizes.numel()
+    if int(sizes.sum()) != k or bool((sizes <= 0).any()):
+        raise RptqError(f"checkpoint tensor {path}.group_sizes does not cover the {k} input channels")
+    return QuantLinear(k, n, bits=wbits, bias=bias, act=act,
+                       qweight=t.take(f"{path}.qweight", torch.uint8, (n, packed_row_bytes(k, wbits))),
+                       scales=t.take(f"{path}.scales", torch.float16, (n, g)),
+                       zeros=unpack_zeros(t.take(f"{path}.zeros", torch.uint8, (packed_row_bytes(n * g, wbits),)),
+                                          wbits, n, g),
+                       group_sizes=sizes)
+
+
+def _load_norm(t: _Tensors, path: str, norm: nn.Module, rms: bool, eps: float, dtype) -> ReorderNorm:
+    c = norm.weight.shape[0]
+    perm = t.take(f"{path}.perm", torch.int32, (c,)).long()
+    if not torch.equal(perm.sort().values, torch.arange(c)):
+        raise RptqError(f"checkpoint tensor {path}.perm is not a permutation; the checkpoint is corrupted")
+    bias = t.take(f"{path}.bias", torch.float16, (c,)).to(dtype) if t.has(f"{path}.bias") else None
+    return ReorderNorm(perm, t.take(f"{path}.weight", torch.float16, (c,)).to(dtype), bias, eps, rms)
+
+
+def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+    """Load an rptq checkpoint → (model, tokenizer). Weights stay packed; nothing is built in fp16 first."""
+    from .config import ACT_POINTS  # noqa: F401  (documented points)
+    from .models.base import norm_eps, replace
+    from .reorder import head_layout
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise RptqError(f"{directory} is not a model directory (no config.json)")
+    raw = json.loads((directory / "config.json").read_text())
+    qc = raw.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise RptqError(f"{directory} is not an rptq checkpoint (no quantization_config with quant_method "
+                        f"\"rptq\"); quantize it first with `rptq quantize {directory} -o OUT`")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise RptqError(f"{directory} is an rptq checkpoint of format version {qc.get('format_version')}; this "
+                        f"rptq {__version__} reads version {FORMAT_VERSION}: re-quantize or use a matching rptq")
+    config = QuantConfig.from_dict({k: v for k, v in qc.items()
+                                    if k not in ("quant_method", "format_version", "packing", "label")})
+    hf_config = AutoConfig.from_pretrained(directory)
+    family: Family = family_for(hf_config)
+    tensors = _Tensors(_read_tensors(directory), directory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    heads = head_layout(family, hf_config)
+    rms = family.norm_kind == "rms"
+    inputs = [(family.q, "x1"), (family.k, "x1"), (family.v, "x1"), (family.o, "o_in"),
+              *((p, "x2") for p in family.mlp_in), (family.mlp_out, "down_in")]
+    for i, layer in enumerate(family.decoder_layers(model)):
+        prefix = f"{family.layers}.{i}."
+        for path, point in inputs:
+            replace(layer, path, _load_linear(tensors, prefix + path, layer.get_submodule(path), config.wbits,
+                                              config.act_bits(point), dtype))
+        for path in (family.attn_norm, family.mlp_norm):
+            norm = layer.get_submodule(path)
+            replace(layer, path, _load_norm(tensors, prefix + path, norm, rms, norm_eps(norm), dtype))
+        a = prefix + family.attn + ".rptq"
+        qk_perm = (tensors.take(f"{a}.qk_perm", torch.int32, (heads.n_kv, heads.head_dim)).long()
+                   if family.rope else None)
+        q_ch, kv_ch = heads.n_heads * heads.head_dim, heads.n_kv * heads.head_dim
+        layer.get_submodule(family.attn).rptq = AttentionQuant(
+            qk_perm=qk_perm, q=tensors.act(f"{a}.q", q_ch, config.act_bits("q")),
+            k=tensors.act(f"{a}.k", kv_ch, config.act_bits("k")), v=tensors.act(f"{a}.v", kv_ch, config.act_bits("v")),
+            p_bits=config.act_bits("p"))
+    _load_remaining(model, tensors, dtype, directory)
+    use_rptq_attention(model)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise RptqError(f"cannot load the tokenizer of {directory} ({exc}); copy the tokenizer files into it") from None
+    model.rptq_config = config
+    return model, tokenizer
+
+
+def _load_remaining(model: nn.Module, tensors: _Tensors, dtype, directory: Path) -> None:
+    """Embeddings, final norm, lm_head and the like; then recreate non-persistent buffers (RoPE)."""
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    state = {}
+    for key, meta in expected.items():
+        if tied and key == "lm_head.weight":
+            continue
+        want = torch.float16 if meta.is_floating_point() else meta.dtype
+        state[key] = tensors.take(key, want, tuple(meta.shape))
+        state[key] = state[key].to(dtype) if state[key].is_floating_point() else state[key]
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    if tensors.tensors:
+        extra = ", ".join(sorted(tensors.tensors)[:3])
+        raise RptqError(f"checkpoint {directory} holds tensors this model does not use ({extra}, ...); it belongs "
+                        "to another model or format")
+    for name, module in model.named_modules():
+        if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
+            rebuilt = type(module)(config=model.config)  # RoPE: inv_freq is computed, not stored
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, rebuilt)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if leftover:
+        raise RptqError(f"checkpoint {directory} is missing {leftover[0]}; it is incomplete, re-run `rptq quantize`")
