@@ -25,7 +25,9 @@ KernelTable make_table(const std::string& want) {
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (avx512 && (want.empty() || want == "avx512vnni" || want == "avx512")) {
+  if (avx512 && (want.empty() || want == "amx") && rptq_cpu::amx_usable()) {
+    rptq_cpu::fill_amx(&t);
+  } else if (avx512 && (want.empty() || want == "amx" || want == "avx512vnni" || want == "avx512")) {
     rptq_cpu::fill_avx512(&t);
   } else if (avx2 && (want.empty() || want != "scalar")) {
     rptq_cpu::fill_avx2(&t);
@@ -144,36 +146,39 @@ Tensor unpack_weight(const Tensor& packed, int64_t bits, int64_t N, int64_t K) {
 // Rows at or below this run the GEMV kernel (decode); above, the GEMM path (prefill).
 constexpr int64_t kGemvMaxRows = 8;
 
+// y [M, N] float32 = x2 [M, K] float32 @ W.T + b
+Tensor run_linear_a16(const Tensor& x2, const Weight& w, const Tensor& b, int64_t bits) {
+  const int64_t M = x2.size(0);
+  if (M <= kGemvMaxRows || w.K == 0) {
+    Tensor y = at::empty({M, w.N}, x2.options());
+    table().linear_a16(x2.data_ptr<float>(), M, w.qw.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
+                       w.zeros.data_ptr<uint8_t>(), w.gs.data_ptr<int32_t>(), int(w.G), w.N, w.K, int(bits),
+                       b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+    return y;
+  }
+  // Prefill: dequantize slabs of rows (bounded memory) and multiply with torch's sgemm; yT[N, M] keeps
+  // each slab's output contiguous.
+  Tensor yT = at::empty({w.N, M}, x2.options());
+  const int64_t slab = std::max<int64_t>(64, (int64_t(32) << 20) / std::max<int64_t>(1, w.K * 4));
+  Tensor wf = at::empty({std::min(slab, w.N), w.K}, x2.options());
+  const int64_t rb = row_bytes(w.K, bits);
+  for (int64_t n0 = 0; n0 < w.N; n0 += slab) {
+    const int64_t n = std::min(slab, w.N - n0);
+    Tensor wn = wf.narrow(0, 0, n);
+    table().dequant_weight(w.qw.data_ptr<uint8_t>() + n0 * rb, w.scales.data_ptr<float>() + n0 * w.G,
+                           w.zeros.data_ptr<uint8_t>() + n0 * w.G, w.gs.data_ptr<int32_t>(), int(w.G), n, w.K,
+                           int(bits), wn.data_ptr<float>());
+    Tensor yn = yT.narrow(0, n0, n);
+    at::mm_out(yn, wn, x2.t());
+  }
+  return b.defined() ? yT.t() + b : yT.t().contiguous();
+}
+
 Tensor linear_a16(const Tensor& x, const Tensor& qweight, const Tensor& scales, const Tensor& zeros,
                   const Tensor& group_sizes, int64_t bits, const std::optional<Tensor>& bias) {
   Weight w = check_weight(x, qweight, scales, zeros, group_sizes, bits, "linear_a16");
   Tensor b = check_bias(bias, w.N, "linear_a16");
-  Tensor x2 = f32(x).reshape({-1, w.K});
-  const int64_t M = x2.size(0);
-  Tensor y;
-  if (M <= kGemvMaxRows || w.K == 0) {
-    y = at::empty({M, w.N}, x2.options());
-    table().linear_a16(x2.data_ptr<float>(), M, w.qw.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
-                       w.zeros.data_ptr<uint8_t>(), w.gs.data_ptr<int32_t>(), int(w.G), w.N, w.K, int(bits),
-                       b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-  } else {
-    // Prefill: dequantize slabs of rows (bounded memory) and multiply with torch's sgemm; yT[N, M] keeps
-    // each slab's output contiguous.
-    Tensor yT = at::empty({w.N, M}, x2.options());
-    const int64_t slab = std::max<int64_t>(64, (int64_t(32) << 20) / std::max<int64_t>(1, w.K * 4));
-    Tensor wf = at::empty({std::min(slab, w.N), w.K}, x2.options());
-    const int64_t rb = row_bytes(w.K, bits);
-    for (int64_t n0 = 0; n0 < w.N; n0 += slab) {
-      const int64_t n = std::min(slab, w.N - n0);
-      Tensor wn = wf.narrow(0, 0, n);
-      table().dequant_weight(w.qw.data_ptr<uint8_t>() + n0 * rb, w.scales.data_ptr<float>() + n0 * w.G,
-                             w.zeros.data_ptr<uint8_t>() + n0 * w.G, w.gs.data_ptr<int32_t>(), int(w.G), n, w.K,
-                             int(bits), wn.data_ptr<float>());
-      Tensor yn = yT.narrow(0, n0, n);
-      at::mm_out(yn, wn, x2.t());
-    }
-    y = b.defined() ? yT.t() + b : yT.t().contiguous();
-  }
+  Tensor y = run_linear_a16(f32(x).reshape({-1, w.K}), w, b, bits);
   return y.to(x.scalar_type()).reshape(out_shape(x, w.N));
 }
 
@@ -203,6 +208,14 @@ Tensor linear_aq(const Tensor& x, const Tensor& qweight, const Tensor& scales, c
   Tensor b = check_bias(bias, w.N, "linear_aq");
   Tensor x2 = f32(x).reshape({-1, w.K});
   const int64_t M = x2.size(0);
+  if (M <= kGemvMaxRows || bits > 4 || table().linear_aq == nullptr || w.K == 0) {
+    // Decode (the weight stream dominates), 8-bit weights (no s8 operand) or no VNNI: the same math as
+    // fake_quant(x) then the W·A16 kernels.
+    Tensor fq = at::empty_like(x2);
+    table().quantize_act(x2.data_ptr<float>(), M, w.K, a.scale.data_ptr<float>(), a.zero.data_ptr<int32_t>(),
+                         w.gs.data_ptr<int32_t>(), int(w.G), int(act_bits), nullptr, fq.data_ptr<float>());
+    return run_linear_a16(fq, w, b, bits).to(x.scalar_type()).reshape(out_shape(x, w.N));
+  }
   Tensor y = at::empty({M, w.N}, x2.options());
   table().linear_aq(x2.data_ptr<float>(), M, w.qw.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
                     w.zeros.data_ptr<uint8_t>(), w.gs.data_ptr<int32_t>(), int(w.G), w.N, w.K, int(bits),
@@ -391,10 +404,10 @@ TORCH_LIBRARY_IMPL(rptq, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rptq compiled kernels (ops are registered under torch.ops.rptq)";
-  m.def("cpu_isa", [] { return std::string(table().isa); }, "ISA of the CPU kernels in use: avx512vnni, avx2 or scalar");
+  m.def("cpu_isa", [] { return std::string(table().isa); }, "ISA of the CPU kernels in use: amx, avx512vnni, avx2 or scalar");
   m.def(
       "set_cpu_isa", [](const std::string& want) { table() = make_table(want); return std::string(table().isa); },
-      "Choose the CPU kernels ('avx512vnni', 'avx2', 'scalar'; '' = best available); returns the one chosen");
+      "Choose the CPU kernels ('amx', 'avx512vnni', 'avx2', 'scalar'; '' = best available); returns the one chosen");
   m.def("has_cuda", [] {
 #ifdef RPTQ_WITH_CUDA
     return true;

@@ -311,7 +311,8 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, d
 def bench(quick, json_path, threads):
     """Time the rptq:: kernels against torch baselines measured in the same run, on this machine."""
     from .bench import run_bench
-    run_bench(quick=quick, threads=threads, json_path=json_path)
+    from .bench_e2e import decode_rows
+    run_bench(quick=quick, threads=threads, json_path=json_path, extra_rows=decode_rows)
 
 
 if __name__ == "__main__":

@@ -330,7 +330,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes [N, K] → packed uint8 [N, packed_row_bytes(K, bits)] (layout: rptq_cli/quant/pack.py)."""
     if _compiled(codes):
-        return torch.ops.rptq.pack_weight(codes.contiguous(), bits)
+        return torch.ops.rptq.pack_weight.default(codes, bits)
     _check(codes.dim() == 2 and codes.dtype == torch.uint8, "pack_weight: codes must be uint8 [N, K]")
     _check(bits in SUPPORTED_BITS, f"pack_weight: bits must be one of {SUPPORTED_BITS}")
     _check(codes.numel() == 0 or int(codes.max()) < (1 << bits), f"pack_weight: a code exceeds the {bits}-bit range")
@@ -340,7 +340,7 @@ def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_weight(packed: torch.Tensor, bits: int, N: int, K: int) -> torch.Tensor:
     """Packed uint8 [N, packed_row_bytes(K)] → uint8 codes [N, K]."""
     if _compiled(packed):
-        return torch.ops.rptq.unpack_weight(packed.contiguous(), bits, N, K)
+        return torch.ops.rptq.unpack_weight.default(packed, bits, N, K)
     _check(bits in SUPPORTED_BITS, f"unpack_weight: bits must be one of {SUPPORTED_BITS}")
     _check(packed.dtype == torch.uint8 and tuple(packed.shape) == (N, packed_row_bytes(K, bits)),
            f"unpack_weight: packed must be uint8 [{N}, {packed_row_bytes(K, bits)}], got "
@@ -352,8 +352,7 @@ def linear_a16(x, qweight, scales, zeros, group_sizes, bits, bias=None):
     """Weight-only quantized linear: ``x [.., K] @ W.T + bias → [.., N]`` in x's dtype.
     GEMV kernel for ≤ 8 rows (decode), GEMM for more (prefill)."""
     if _compiled(x):
-        return torch.ops.rptq.linear_a16(x.contiguous(), qweight.contiguous(), scales.contiguous(),
-                                         zeros.contiguous(), _i32(group_sizes), bits, bias)
+        return torch.ops.rptq.linear_a16.default(x, qweight, scales, zeros, group_sizes, bits, bias)
     _check_weight("linear_a16", x, qweight, scales, zeros, group_sizes, bits)
     _check(bias is None or bias.shape == (scales.shape[0],), "linear_a16: bias must be [N]")
     return ref_linear_a16(x, qweight, scales, zeros, group_sizes, bits, bias)
@@ -363,9 +362,8 @@ def linear_aq(x, qweight, scales, zeros, group_sizes, bits, act_scale, act_zero,
     """Weight-and-activation quantized linear: x is quantized per weight group on (act_scale, act_zero)
     at act_bits; compiled kernels use integer (VNNI) dot products and apply the scales in the epilogue."""
     if _compiled(x):
-        return torch.ops.rptq.linear_aq(x.contiguous(), qweight.contiguous(), scales.contiguous(),
-                                        zeros.contiguous(), _i32(group_sizes), bits, _f32(act_scale),
-                                        _i32(act_zero), act_bits, bias)
+        return torch.ops.rptq.linear_aq.default(x, qweight, scales, zeros, group_sizes, bits, act_scale, act_zero,
+                                                act_bits, bias)
     _check_weight("linear_aq", x, qweight, scales, zeros, group_sizes, bits)
     _check_act("linear_aq", x, act_scale, act_zero, group_sizes, act_bits)
     _check(bias is None or bias.shape == (scales.shape[0],), "linear_aq: bias must be [N]")
@@ -375,8 +373,7 @@ def linear_aq(x, qweight, scales, zeros, group_sizes, bits, act_scale, act_zero,
 def quantize_act(x, act_scale, act_zero, act_group_sizes, bits):
     """Activation codes (uint8, shape of x) on per-channel-group grids."""
     if _compiled(x):
-        return torch.ops.rptq.quantize_act(x.contiguous(), _f32(act_scale), _i32(act_zero),
-                                           _i32(act_group_sizes), bits)
+        return torch.ops.rptq.quantize_act.default(x, act_scale, act_zero, act_group_sizes, bits)
     _check_act("quantize_act", x, act_scale, act_zero, act_group_sizes, bits)
     return ref_quantize_act(x, act_scale, act_zero, act_group_sizes, bits)
 
@@ -384,8 +381,7 @@ def quantize_act(x, act_scale, act_zero, act_group_sizes, bits):
 def fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits):
     """Quantize-dequantize x on per-channel-group grids; returns x's dtype."""
     if _compiled(x):
-        return torch.ops.rptq.fake_quant_act(x.contiguous(), _f32(act_scale), _i32(act_zero),
-                                             _i32(act_group_sizes), bits)
+        return torch.ops.rptq.fake_quant_act.default(x, act_scale, act_zero, act_group_sizes, bits)
     _check_act("fake_quant_act", x, act_scale, act_zero, act_group_sizes, bits)
     return ref_fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits)
 
@@ -394,9 +390,8 @@ def reorder_norm(x, perm, weight, bias, eps, rms, act_scale=None, act_zero=None,
                  act_bits=16):
     """Fused gather + LayerNorm/RMSNorm (+ optional output fake-quant): ``norm(x[..., perm]) * weight + bias``."""
     if _compiled(x):
-        return torch.ops.rptq.reorder_norm(x.contiguous(), perm.to(torch.int64).contiguous(), weight.contiguous(),
-                                           None if bias is None else bias.contiguous(), float(eps), bool(rms),
-                                           act_scale, act_zero, act_group_sizes, act_bits)
+        return torch.ops.rptq.reorder_norm.default(x, perm, weight, bias, float(eps), bool(rms), act_scale, act_zero,
+                                                   act_group_sizes, act_bits)
     c = x.shape[-1]
     _check(x.dtype in _FLOATS, f"reorder_norm: x must be a float tensor, got {x.dtype}")
     _check(perm.dim() == 1 and perm.numel() == c and perm.dtype in (torch.int64, torch.int32),
@@ -425,7 +420,7 @@ def _check_kv_params(name, scale, zero, h, d, bits):
 def kv_pack(x, scale, zero, bits):
     """Quantize x [B, H, T, D] per channel (scale/zero [H, D]) → uint8 [B, H, T, kv_row_bytes(D, bits)]."""
     if _compiled(x):
-        return torch.ops.rptq.kv_pack(x.contiguous(), _f32(scale), _i32(zero), bits)
+        return torch.ops.rptq.kv_pack.default(x, scale, zero, bits)
     _check(x.dim() == 4 and x.dtype in _FLOATS, f"kv_pack: x must be a float [B, H, T, D], got {x.dtype} {tuple(x.shape)}")
     _check_kv_params("kv_pack", scale, zero, x.shape[1], x.shape[3], bits)
     return ref_kv_pack(x, scale, zero, bits)
@@ -434,7 +429,7 @@ def kv_pack(x, scale, zero, bits):
 def kv_unpack(packed, scale, zero, bits, D):
     """Packed [B, H, T, kv_row_bytes(D)] → float32 [B, H, T, D]."""
     if _compiled(packed):
-        return torch.ops.rptq.kv_unpack(packed.contiguous(), _f32(scale), _i32(zero), bits, D)
+        return torch.ops.rptq.kv_unpack.default(packed, scale, zero, bits, D)
     _check(packed.dim() == 4 and packed.dtype == torch.uint8, "kv_unpack: packed must be uint8 [B, H, T, row]")
     _check(packed.shape[-1] == kv_row_bytes(D, bits) if bits in SUPPORTED_BITS else False,
            f"kv_unpack: rows must have kv_row_bytes({D}, {bits}) bytes, got {packed.shape[-1]}")
@@ -445,7 +440,7 @@ def kv_unpack(packed, scale, zero, bits, D):
 def kv_append(cache, x, scale, zero, bits, pos):
     """Quantize x [B, H, T, D] and write it into ``cache[:, :, pos:pos+T]`` (cache: uint8 [B, H, S, row])."""
     if _compiled(x):
-        torch.ops.rptq.kv_append(cache, x.contiguous(), _f32(scale), _i32(zero), bits, pos)
+        torch.ops.rptq.kv_append.default(cache, x, scale, zero, bits, pos)
         return
     _check(x.dim() == 4 and x.dtype in _FLOATS, f"kv_append: x must be a float [B, H, T, D], got {tuple(x.shape)}")
     b, h, t, d = x.shape
@@ -465,9 +460,8 @@ def decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bi
     ([B, Hkv, S, kv_row_bytes(D)]), causal for the Tq new queries, GQA; returns q's dtype.
     Compiled kernels dequantize in registers and never materialize fp K/V."""
     if _compiled(q):
-        return torch.ops.rptq.decode_attention(q.contiguous(), k_packed.contiguous(), v_packed.contiguous(),
-                                               _f32(k_scale), _i32(k_zero), _f32(v_scale), _i32(v_zero),
-                                               bits, int(kv_len), float(scaling), int(p_bits))
+        return torch.ops.rptq.decode_attention.default(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bits,
+                                                       int(kv_len), float(scaling), int(p_bits))
     _check(q.dim() == 4 and q.dtype in _FLOATS, f"decode_attention: q must be a float [B, Hq, Tq, D], got {tuple(q.shape)}")
     b, hq, tq, d = q.shape
     _check(bits in SUPPORTED_BITS, f"decode_attention: bits must be one of {SUPPORTED_BITS}")

@@ -14,7 +14,7 @@ from rptq_cli.quant.pack import pack_rows, packed_row_bytes
 
 pytestmark = pytest.mark.skipif(not K.compiled_available(), reason="compiled extension not built")
 
-ISAS = ["avx512vnni", "avx2", "scalar"]
+ISAS = ["amx", "avx512vnni", "avx2", "scalar"]
 
 
 @pytest.fixture(params=ISAS)
@@ -121,6 +121,19 @@ def test_linear_aq(isa, bits, act_bits, kind, m):
     x = torch.randn(m, k, generator=gen(m + 1))
     s, z = act_params(x, gs, act_bits)
     bias = torch.randn(n, generator=gen(2)) if m != 5 else None
+    out = K.linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits, bias)
+    close(out, K.ref_linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits, bias))
+
+
+@pytest.mark.parametrize("kind", ["one", "uneven"])
+@pytest.mark.parametrize("m,bits,act_bits", [(16, 4, 8), (45, 3, 4), (33, 2, 8)])
+def test_linear_aq_tiles(isa, kind, m, bits, act_bits):
+    """Shapes that take the tiled integer GEMM (AMX where present: ≥ 16 rows, ≥ 64 k per group)."""
+    n, k = 100, 515
+    qw, scales, zeros, gs = make_layer(n, k, bits, kind, seed=m)
+    x = torch.randn(m, k, generator=gen(m))
+    s, z = act_params(x, gs, act_bits)
+    bias = torch.randn(n, generator=gen(3))
     out = K.linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits, bias)
     close(out, K.ref_linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits, bias))
 

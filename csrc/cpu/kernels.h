@@ -1,8 +1,9 @@
 // The CPU kernels of the rptq:: ops, behind one table of function pointers per instruction set.
 //
 // kernels_scalar.cpp, kernels_avx2.cpp and kernels_avx512.cpp compile the same portable code
-// (generic.inc) for their ISA (with `#pragma GCC target`), and kernels_avx512.cpp replaces the hot
-// entries (W4A16 GEMV, the VNNI integer GEMM, decode attention) with intrinsics. ops.cpp picks the
+// (generic.inc) for their ISA (with `#pragma GCC target`); kernels_avx2.cpp and kernels_avx512.cpp
+// replace the hot entries (W·A16 GEMV, weight dequantization, decode attention, and on AVX-512 VNNI
+// the integer GEMM) with intrinsics. ops.cpp picks the
 // table at run time from the processor's flags, so one build runs on any x86-64.
 //
 // Everything here works on raw, contiguous, already validated buffers (ops.cpp checks the tensors);
@@ -28,6 +29,8 @@ struct KernelTable {
                          int G, int64_t N, int64_t K, int bits, float* out);
   void (*linear_a16)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                      const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y);
+  // integer (VNNI) GEMM for > 8 rows and ≤ 4-bit weights; null where the ISA has none (ops.cpp then runs
+  // fake_quant(x) through linear_a16, the same math)
   void (*linear_aq)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                     const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                     const int32_t* act_zero, int act_bits, const float* bias, float* y);
@@ -51,5 +54,7 @@ struct KernelTable {
 void fill_scalar(KernelTable* t);
 void fill_avx2(KernelTable* t);
 void fill_avx512(KernelTable* t);  // requires avx512f/bw/vl + avx512vnni
+void fill_amx(KernelTable* t);     // avx512 + the AMX int8 GEMM; requires amx_usable()
+bool amx_usable();                 // AMX-INT8 present and the OS granted the tile state
 
 }  // namespace rptq_cpu

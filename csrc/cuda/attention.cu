@@ -132,7 +132,9 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(Params P) {
     float qreg[32];
 #pragma unroll
     for (int i = 0; i < 32; ++i) qreg[i] = qs[32 * j + i];
-    for (int p0 = threadIdx.x / TPP; p0 < n; p0 += 4 * kPosPerIter) {
+    // The loop bound is block-uniform: every lane reaches the shuffles below.
+    for (int base = 0; base < n; base += 4 * kPosPerIter) {
+      const int p0 = base + threadIdx.x / TPP;
       uint4 w[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -197,7 +199,8 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(Params P) {
     float acc[32];
 #pragma unroll
     for (int i = 0; i < 32; ++i) acc[i] = 0.f;
-    for (int p0 = threadIdx.x / TPP; p0 < n; p0 += 4 * kPosPerIter) {
+    for (int base = 0; base < n; base += 4 * kPosPerIter) {
+      const int p0 = base + threadIdx.x / TPP;
       uint4 w[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -257,19 +260,19 @@ __global__ void attn_combine_kernel(const float* __restrict__ part_o, const floa
       const float l = part_l[(int64_t)s * bht_total + bht];
       if (l > 0.f) L += l * expf(part_m[(int64_t)s * bht_total + bht] - M);
     }
-  if (kMode == kStats) {
+  if constexpr (kMode == kStats) {
     if (threadIdx.x == 0) { stats[2 * bht] = M; stats[2 * bht + 1] = L; }
-    return;
-  }
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f;
-    for (int s = 0; s < nsplit; ++s) {
-      const int64_t idx = (int64_t)s * bht_total + bht;
-      const float o = part_o[idx * D + d];
-      if (kMode == kFixed) acc += o;
+  } else {
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+      float acc = 0.f;
+      for (int s = 0; s < nsplit; ++s) {
+        const int64_t idx = (int64_t)s * bht_total + bht;
+        const float o = part_o[idx * D + d];
+        if (kMode == kFixed) acc += o;
       else if (part_l[idx] > 0.f) acc += o * expf(part_m[idx] - M);
+      }
+      out[(int64_t)bht * D + d] = from_float<T>(kMode == kFixed ? acc : acc / L);
     }
-    out[(int64_t)bht * D + d] = from_float<T>(kMode == kFixed ? acc : acc / L);
   }
 }
 
