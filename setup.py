@@ -25,7 +25,7 @@ def extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
     cuda_sources = rel("csrc/cuda/*.cu")
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and shutil.which("nvcc") is not None \
         and os.environ.get("RPTQ_NO_CUDA") != "1"

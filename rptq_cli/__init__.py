@@ -1,6 +1,13 @@
 """rptq: reorder-based post-training quantization (RPTQ) of LLMs, with real packed kernels."""
 
+import os
+
 __version__ = "0.1.0"
+
+# OpenMP threads that spin while waiting steal the cores of a shared machine and slow every parallel op
+# (ours and torch's) 5-15x under load; sleeping waiters cost little when the machine is quiet. Must be set
+# before torch loads libgomp; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def load_quantized(path, **kwargs):

@@ -88,12 +88,18 @@ def _copies(tensors: tuple, rotate: bool = True) -> list[tuple]:
 
 
 def read_bandwidth(quick: bool) -> dict:
-    """GB/s of a streaming float32 sum over a buffer larger than the last-level cache."""
-    n = max(ROTATE_BYTES, 512 * 2**20) // 4
+    """GB/s of streaming reads over a buffer larger than the last-level cache: the best of a float32 sum
+    and a float32 GEMV over the same buffer (the strictest ceiling to compare memory-bound ops with)."""
+    n = max(ROTATE_BYTES, 512 * 2**20) // 4 // 4096 * 4096
     buf = torch.ones(n)
-    ms, _ = _time_pair(lambda i: buf.sum(), None, repeats=5 if quick else 10, warmup=1)
+    mat = buf.view(-1, 4096)
+    vec = torch.ones(1, 4096)
+    reps = 5 if quick else 10
+    ms_sum, ms_gemv = _time_pair(lambda i: buf.sum(), lambda i: F.linear(vec, mat), repeats=reps, warmup=1)
+    ms = min(ms_sum, ms_gemv)
     gbps = n * 4 / ms / 1e6
-    return {"op": "read_bandwidth", "shape": f"{n * 4 // 2**20}MiB fp32 sum", "backend": "torch", "ms": ms,
+    how = "sum" if ms_sum <= ms_gemv else "gemv"
+    return {"op": "read_bandwidth", "shape": f"{n * 4 // 2**20}MiB fp32 {how}", "backend": "torch", "ms": ms,
             "baseline": None, "baseline_ms": None, "speedup": None, "gbps": gbps}
 
 
@@ -225,6 +231,16 @@ def bench_norm(rows_, c, rms, reps) -> list[dict]:
 _COLUMNS = ("op", "shape", "backend", "ms", "baseline", "baseline_ms", "speedup", "gbps", "gops", "bw_frac")
 
 
+def _machine_busy() -> str | None:
+    """A sentence when other processes keep the CPUs busy (1-minute load average ≥ the CPU count)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cpus = os.cpu_count() or 1
+    return f"load average {load:.1f} on {cpus} CPUs" if load >= cpus else None
+
+
 def format_table(rows: list[dict]) -> str:
     def cell(v):
         if v is None:
@@ -249,7 +265,11 @@ def run_bench(quick: bool = False, threads: int | None = None, json_path: str | 
         torch.set_num_threads(int(threads))
     nthreads = torch.get_num_threads()
     echo(f"rptq bench: backend {kernels.backend()}, {nthreads} threads, torch {torch.__version__}"
-         f"{' (quick)' if quick else ''}")
+         f"{' (quick)' if quick else ''}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    busy = _machine_busy()
+    if busy:
+        echo(f"warning: {busy}; timings are noisy (ours and the baseline alternate, so ratios are fairer "
+             f"than times). On a shared machine OMP_WAIT_POLICY=PASSIVE avoids threads spinning against each other.")
     reps = 7 if quick else 21
     rows: list[dict] = []
 

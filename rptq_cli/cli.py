@@ -40,7 +40,7 @@ def model_options(fn):
 
 def calib_options(fn):
     fn = click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1),
-                      help="Calibration windows per forward pass.")(fn)
+                      help="Windows per forward pass (calibration and evaluation).")(fn)
     fn = click.option("--seed", type=int, default=None, help="Seed of the window draw and KMeans [2].")(fn)
     fn = click.option("--seqlen", type=click.IntRange(1), default=None,
                       help="Tokens per window [min(2048, model max positions)].")(fn)
@@ -189,7 +189,8 @@ def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only,
     net.to(device)
     from . import kernels
     click.echo(f"backend: {kernels.backend(device)}", err=True)
-    results = {task: perplexity(net, tokens, seqlen=eval_seqlen, desc=task) for task, tokens in texts.items()}
+    results = {task: perplexity(net, tokens, seqlen=eval_seqlen, batch_size=batch_size, desc=task)
+               for task, tokens in texts.items()}
     label = quantization["label"] if quantization else "FP"
     for task, r in results.items():
         click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")

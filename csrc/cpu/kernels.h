@@ -18,7 +18,8 @@
 
 namespace rptq_cpu {
 
-inline int64_t row_bytes(int64_t len, int bits) { return (len + 31) / 32 * 4 * bits; }
+// static: every ISA's translation unit keeps its own copy (no shared inline symbol built for another ISA)
+static inline int64_t row_bytes(int64_t len, int bits) { return (len + 31) / 32 * 4 * bits; }
 
 struct KernelTable {
   const char* isa;

@@ -279,8 +279,7 @@ __global__ void attn_combine_kernel(const float* __restrict__ part_o, const floa
 template <typename T, int TPP, bool kFast, int kMode>
 void launch_split(const Params& P, dim3 grid, size_t smem) {
   auto kernel = attn_split_kernel<T, TPP, kFast, kMode>;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  ensure_smem<attn_split_kernel<T, TPP, kFast, kMode>>(smem);
   kernel<<<grid, kThreads, smem, current_stream()>>>(P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -179,6 +179,18 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Raises a kernel's dynamic shared-memory limit when a launch needs more than the default 48 KB.
+// Done once per kernel and size (a host call, kept out of CUDA-graph captures after the first use).
+// The kernel is a template argument so that each kernel has its own record.
+template <auto kernel>
+inline void ensure_smem(size_t bytes) {
+  static size_t granted = 48 * 1024;
+  if (bytes > granted) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+    granted = bytes;
+  }
+}
+
 // Entry points shared between the .cu files (linear_aq reuses the A16 GEMV and the activation quantizer).
 at::Tensor linear_a16_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                            const at::Tensor& zeros, const at::Tensor& group_sizes, int64_t bits,

@@ -268,7 +268,7 @@ at::Tensor reorder_norm_cuda(const at::Tensor& x_in, const at::Tensor& perm_in, 
   const at::Tensor perm = perm_in.to(x.device(), at::kLong).contiguous();
   // weight and bias share one dtype inside the kernel: float32 unless both are x's dtype
   at::ScalarType wtype = weight_in.scalar_type();
-  if (bias_in.has_value() && bias_in->scalar_type() != wtype) wtype = at::kFloat;
+  if (wtype != x.scalar_type() || (bias_in.has_value() && bias_in->scalar_type() != wtype)) wtype = at::kFloat;
   const at::Tensor weight = weight_in.to(x.device(), wtype).contiguous();
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(x.device(), wtype).contiguous();
@@ -292,8 +292,7 @@ at::Tensor reorder_norm_cuda(const at::Tensor& x_in, const at::Tensor& perm_in, 
     auto launch = [&](auto wtag) {
       using Wt = decltype(wtag);
       auto kernel = reorder_norm_kernel<T, Wt>;
-      if (smem > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      ensure_smem<reorder_norm_kernel<T, Wt>>(smem);
       kernel<<<static_cast<unsigned>(rows), kNormThreads, smem, stream>>>(
           x.data_ptr<T>(), perm.data_ptr<int64_t>(), weight.data_ptr<Wt>(),
           bias.defined() ? bias.data_ptr<Wt>() : nullptr, static_cast<float>(eps), rms, C,
@@ -301,11 +300,7 @@ at::Tensor reorder_norm_cuda(const at::Tensor& x_in, const at::Tensor& perm_in, 
           quant ? gt.sizes : nullptr, quant ? gt.global_starts : nullptr, quant ? gt.G : 0,
           quant ? (1 << act_bits) - 1 : 0, y.data_ptr<T>());
     };
-    if (wtype == x.scalar_type()) launch(T{});
-    else {
-      RPTQ_CHECK(wtype == at::kFloat, "reorder_norm: weight must be float32 or x's dtype, got ", wtype);
-      launch(float{});
-    }
+    if (wtype == x.scalar_type()) launch(T{}); else launch(float{});
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

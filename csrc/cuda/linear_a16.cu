@@ -255,8 +255,7 @@ void launch_gemv(const at::Tensor& x, int m_rows, const at::Tensor& qweight, con
                  const at::Tensor& zeros, const GroupTable& gt, int N, int K, const at::Tensor& bias, at::Tensor& y) {
   auto kernel = gemv_kernel<BITS, M, S>;
   const size_t smem = sizeof(__half) * M * K + sizeof(int) * (K / 32) + gt.smem_bytes;
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  ensure_smem<gemv_kernel<BITS, M, S>>(smem);
   const int rows_per_block = kWarps * kRowsPerWarp;
   const int grid = static_cast<int>(ceil_div(N, rows_per_block));
   kernel<<<grid, kWarps * 32, smem, current_stream()>>>(

@@ -335,7 +335,7 @@ at::Tensor linear_aq_cuda(const at::Tensor& x_in, const at::Tensor& qweight_in, 
       using St = decltype(stag);
       auto kernel = w4a8_gemm_kernel<T, St>;
       const size_t smem = STAGES * STAGE_BYTES + gt.smem_bytes;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      ensure_smem<w4a8_gemm_kernel<T, St>>(smem);
       const dim3 grid(static_cast<unsigned>(ceil_div(N, BN)), static_cast<unsigned>(ceil_div(M, BM)));
       kernel<<<grid, THREADS, smem, stream>>>(a.data_ptr<uint8_t>(), M, Kp, qweight.data_ptr<uint8_t>(), (int)N,
                                               (int)K, scales.data_ptr<St>(), zeros.data_ptr<uint8_t>(),

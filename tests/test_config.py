@@ -1,0 +1,58 @@
+import pytest
+
+from rptq_cli.config import ACT_POINTS, QuantConfig, build_config, parse_clusters, preset_names
+from rptq_cli.errors import RptqError
+
+# DESIGN §2: bits of (x1, q, k, v, p, o_in, x2, down_in) per preset, paper mode unless named strict
+TABLE = {
+    "w4a16": (16, 16, 16, 16, 16, 16, 16, 16),
+    "w4a8": (8, 8, 8, 8, 8, 8, 8, 8),
+    "w4a4": (8, 4, 4, 4, 8, 4, 8, 4),
+    "w4a4-strict": (4, 4, 4, 4, 4, 4, 4, 4),
+    "w4a8-strict": (8, 8, 8, 8, 8, 8, 8, 8),
+    "w4a4kv": (16, 16, 4, 4, 16, 16, 16, 16),
+    "w4a3kv": (16, 16, 3, 3, 16, 16, 16, 16),
+    "w3a3kv": (16, 16, 3, 3, 16, 16, 16, 16),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(TABLE))
+def test_presets_follow_the_design_table(preset):
+    config = build_config(preset)
+    assert tuple(config.act_bits(p) for p in ACT_POINTS) == TABLE[preset]
+    assert config.wbits == (3 if preset.startswith("w3") else 4)
+
+
+def test_every_preset_is_in_the_table():
+    assert set(preset_names()) == set(TABLE)
+
+
+def test_flags_override_presets():
+    config = build_config("w4a4kv", wbits=3, clusters={"R1": 16})
+    assert config.wbits == 3 and config.kv_only and config.clusters["R1"] == 16 and config.clusters["R2"] == 4
+    assert config.label == "W3A4KV"
+    assert build_config("w4a4", mode="strict").label == "W4A4-strict"
+
+
+def test_round_trip_through_dict():
+    config = QuantConfig(wbits=3, abits=4, weight_groups="128", reorder=False)
+    assert config.weight_groups == 128
+    assert QuantConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(wbits=5), "--wbits 5"), (dict(abits=2), "--abits 2"), (dict(mode="loose"), "--mode"),
+    (dict(weight_groups="g128"), "--weight-groups"), (dict(weight_quantizer="awq"), "--weight-quantizer"),
+    (dict(clusters={"R7": 2}), "R7"), (dict(clusters={"R1": 0}), "R1=0"), (dict(act_clip="p99"), "--act-clip"),
+])
+def test_invalid_settings(kwargs, match):
+    with pytest.raises(RptqError, match=match):
+        QuantConfig(**kwargs)
+
+
+def test_parse_clusters():
+    assert parse_clusters("R1=32, r2=4") == {"R1": 32, "R2": 4}
+    with pytest.raises(RptqError, match="R1=x"):
+        parse_clusters("R1=x")
+    with pytest.raises(RptqError, match="w9"):
+        build_config("w9")
