@@ -40,13 +40,18 @@ class AttentionQuant(nn.Module):
         self.p_bits = int(p_bits)
         self.observer: Callable[[str, torch.Tensor], None] | None = None
 
-    def permute_qk(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def permute_k(self, key: torch.Tensor) -> torch.Tensor:
+        """Keys [B, Hkv, T, D] in R2 order (a no-op when R2 is folded into the weights)."""
         if self.qk_perm is None:
-            return query, key
-        n_rep = query.shape[1] // key.shape[1]
-        key = key.gather(-1, self.qk_perm[None, :, None, :].expand_as(key))
-        q_perm = self.qk_perm.repeat_interleave(n_rep, 0)
-        return query.gather(-1, q_perm[None, :, None, :].expand_as(query)), key
+            return key
+        return key.gather(-1, self.qk_perm[None, :, None, :].expand_as(key))
+
+    def permute_q(self, query: torch.Tensor) -> torch.Tensor:
+        """Queries [B, Hq, T, D] in R2 order: each query head takes its KV head's permutation."""
+        if self.qk_perm is None:
+            return query
+        q_perm = self.qk_perm.repeat_interleave(query.shape[1] // self.qk_perm.shape[0], 0)
+        return query.gather(-1, q_perm[None, :, None, :].expand_as(query))
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         if self.observer is not None:
@@ -83,7 +88,7 @@ def rptq_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
         return packed_attention(spec, query, key, attention_mask, scaling)
     p_bits = 16
     if spec is not None:
-        query, key = spec.permute_qk(query, key)
+        query, key = spec.permute_q(query), spec.permute_k(key)
         spec.observe("q", query)
         spec.observe("k", key)
         spec.observe("v", value)
@@ -101,9 +106,7 @@ def rptq_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
 def packed_attention(spec: AttentionQuant, query: torch.Tensor, cache, attention_mask: torch.Tensor | None,
                      scaling: float):
     """Attention of new queries over a packed KV cache layer (keys already in R2 order)."""
-    if spec.qk_perm is not None:
-        n_rep = query.shape[1] // spec.qk_perm.shape[0]
-        query = query.gather(-1, spec.qk_perm.repeat_interleave(n_rep, 0)[None, :, None, :].expand_as(query))
+    query = spec.permute_q(query)
     if spec.q is not None:
         query = spec.q.forward_heads(query)
     if query.shape[0] == 1:  # a single sequence: the mask is purely causal, which the kernel applies itself

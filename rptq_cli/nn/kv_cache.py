@@ -51,8 +51,7 @@ class PackedKVLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.spec.qk_perm is not None:
-            key_states = key_states.gather(-1, self.spec.qk_perm[None, :, None, :].expand_as(key_states))
+        key_states = self.spec.permute_k(key_states)
         k = kernels.kv_pack(key_states.contiguous(), self.k_scale, self.k_zero, self.bits)
         v = kernels.kv_pack(value_states.contiguous(), self.v_scale, self.v_zero, self.bits)
         self.keys = torch.cat([self.keys, k], dim=2)
