@@ -214,3 +214,20 @@ def test_provenance_and_config(checkpoint):
     assert json.loads((path / "rptq.json").read_text())["tool"] == "rptq"
     assert (path / "tokenizer.json").exists()
     assert oct(os.stat(path).st_mode & 0o777) != oct(0o700)
+
+
+def test_compiled_kernels_match_the_reference_backend(checkpoint, monkeypatch):
+    """`rptq eval` on a checkpoint runs the compiled kernels by default; the reference gives the same ppl."""
+    from rptq_cli import kernels
+    if not kernels.compiled_available():
+        pytest.skip("the compiled extension is not built")
+    path, _, tok, _ = checkpoint
+    for config in (QuantConfig(wbits=4, abits=4, clusters=SMALL),
+                   QuantConfig(wbits=3, abits=8, clusters=SMALL, weight_groups=32)):
+        model, _ = simulated("opt", config, hidden=64, heads=2)
+        text = tok(corpus_text(), return_tensors="pt").input_ids
+        compiled = perplexity(model, text, seqlen=64, progress=False)["ppl"]
+        monkeypatch.setenv("RPTQ_KERNELS", "reference")
+        reference = perplexity(model, text, seqlen=64, progress=False)["ppl"]
+        monkeypatch.delenv("RPTQ_KERNELS")
+        assert abs(compiled - reference) / reference < 1e-3, (compiled, reference)
