@@ -34,7 +34,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["opt-dev", "llama-dev"])
     ap.add_argument("--presets", nargs="+", default=PRESETS)
-    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--shared", type=Path, default=SHARED)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -49,7 +49,7 @@ def main() -> None:
         calib, _ = calibration_windows(tokenizer, dataset=None, path=str(args.shared / "data/ptb/ptb.valid.txt"),
                                        nsamples=args.nsamples, seqlen=seqlen, seed=2)
         stats = StatsFile(collect_stats(LayerRunner(copy.deepcopy(model), family, calib, "cpu"), progress=False))
-        fp = perplexity(model, text, seqlen=seqlen, progress=False)["ppl"]
+        fp = perplexity(model, text, seqlen=seqlen, batch_size=4, progress=False)["ppl"]
         rows.append({"model": name, "config": "FP", "per_tensor": fp, "rptq": fp})
         print(f"{name} FP: {fp:.2f}", flush=True)
         for preset in args.presets:
@@ -59,7 +59,7 @@ def main() -> None:
                 quant = copy.deepcopy(model)
                 quantize_model(quant, family, calib, build_config(preset, reorder=reorder), stats=stats,
                                seed=2, progress=False)
-                row[key] = perplexity(quant, text, seqlen=seqlen, progress=False)["ppl"]
+                row[key] = perplexity(quant, text, seqlen=seqlen, batch_size=4, progress=False)["ppl"]
                 row[f"{key}_seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)
             print(f"{name} {row['config']}: per-tensor {row['per_tensor']:.2f}  rptq {row['rptq']:.2f}", flush=True)
