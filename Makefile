@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 NVCC   := $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: install test cuda-check bench ppl-table clean
+.PHONY: install test cuda-check gpu-check bench ppl-table clean
 
 install: $(VENV)/.installed
 
@@ -36,3 +36,7 @@ ppl-table: install
 
 clean:
 	rm -rf build *.egg-info rptq_cli/*.so $(VENV)
+
+# On a machine with an NVIDIA GPU: build the CUDA kernels in place (sm_90), run their tests and the GPU bench.
+gpu-check:
+	bash scripts/gpu_check.sh

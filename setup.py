@@ -29,13 +29,14 @@ def extensions():
     cuda_sources = rel("csrc/cuda/*.cu")
     with_cuda = bool(cuda_sources) and torch.version.cuda is not None and shutil.which("nvcc") is not None \
         and os.environ.get("RPTQ_NO_CUDA") != "1"
+    # RPTQ_CUDA_ARCHS="90" builds for one architecture only (a faster build on a known GPU)
+    archs = os.environ.get("RPTQ_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
     if with_cuda:
         ext = CUDAExtension(
             "rptq_cli._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DRPTQ_WITH_CUDA"],
-                                "nvcc": ["-O3", "-DRPTQ_WITH_CUDA", "--expt-relaxed-constexpr",
-                                         "-gencode=arch=compute_80,code=sm_80",
-                                         "-gencode=arch=compute_90,code=sm_90"]},
+                                "nvcc": ["-O3", "-DRPTQ_WITH_CUDA", "--expt-relaxed-constexpr", *gencode]},
             extra_link_args=["-fopenmp"],
         )
     else:

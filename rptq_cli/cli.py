@@ -311,8 +311,13 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, d
 @_run
 def bench(quick, json_path, threads):
     """Time the rptq:: kernels against torch baselines measured in the same run, on this machine."""
-    from .bench import run_bench
+    import torch
+
+    from .bench import register_row_producer, run_bench
     from .bench_e2e import decode_rows
+    if torch.cuda.is_available():
+        from .bench_cuda import run_cuda_bench
+        register_row_producer(lambda quick, threads: run_cuda_bench(quick))
     run_bench(quick=quick, threads=threads, json_path=json_path, extra_rows=decode_rows)
 
 

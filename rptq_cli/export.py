@@ -296,8 +296,7 @@ def _load_norm(t: _Tensors, path: str, norm: nn.Module, rms: bool, eps: float, d
 def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     """Load an rptq checkpoint → (model, tokenizer). Weights stay packed; nothing is built in fp16 first."""
     from .config import ACT_POINTS  # noqa: F401  (documented points)
-    from .models.base import norm_eps, replace
-    from .reorder import head_layout
+    from .models.base import head_layout, norm_eps, replace
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise RptqError(f"{directory} is not a model directory (no config.json)")

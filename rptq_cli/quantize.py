@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import ChannelObserver, LayerRunner, LayerStats, StatsFile, observe_layer
 from .config import FP, QuantConfig
-from .models.base import Family, replace
+from .models.base import Family, HeadLayout, head_layout, replace
 from .nn.attention import AttentionQuant
 from .nn.linear import QuantLinear
 from .nn.quantizers import ActQuant
@@ -26,7 +26,7 @@ from .quant.clip import search_clip
 from .quant.gptq import GPTQ
 from .quant.grid import group_min_max
 from .quant.weights import rtn_quantize, weight_group_sizes
-from .reorder import HeadLayout, LayerPlan, fold_layer, head_layout, plan_layer
+from .reorder import LayerPlan, fold_layer, plan_layer
 
 CLIP_SAMPLE_ROWS = 2048  # token rows kept per activation point for the clipping search
 

@@ -18,7 +18,7 @@ from torch import nn
 from .calibrate import LayerStats
 from .cluster import Clustering, cluster_channels
 from .config import QuantConfig
-from .models.base import Family, norm_eps, replace
+from .models.base import Family, HeadLayout, norm_eps, replace
 from .nn.attention import AttentionQuant
 from .nn.norm import ReorderNorm
 
@@ -31,43 +31,6 @@ class LayerPlan:
     r3: Clustering
     r4: Clustering
     r5: Clustering
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    n_heads: int
-    n_kv: int
-    head_dim: int
-
-    @property
-    def rep(self) -> int:
-        return self.n_heads // self.n_kv
-
-    def to_query_heads(self, perm_kv: torch.Tensor) -> torch.Tensor:
-        """A within-head permutation of the KV channels, applied to every query head of each group."""
-        local = perm_kv.view(self.n_kv, self.head_dim) % self.head_dim
-        local = local.repeat_interleave(self.rep, 0)
-        return (local + torch.arange(self.n_heads)[:, None] * self.head_dim).reshape(-1)
-
-    def kv_local(self, perm_kv: torch.Tensor) -> torch.Tensor:
-        """[kv_heads, head_dim] positions within each head."""
-        return perm_kv.view(self.n_kv, self.head_dim) % self.head_dim
-
-    def query_group_sizes(self, clustering: Clustering) -> torch.Tensor:
-        """Cluster sizes over the query channels: each query head takes its KV head's clusters."""
-        if len(clustering.groups_per_head) != self.n_kv:  # one cluster for the whole tensor
-            return torch.tensor([self.n_heads * self.head_dim], dtype=torch.int32)
-        per_head = torch.split(clustering.cluster_sizes, clustering.groups_per_head)
-        return torch.cat([per_head[h // self.rep] for h in range(self.n_heads)])
-
-    def reduce_query_heads(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-channel ranges over query heads [Hq·D] → over the KV heads they read [Hkv·D]."""
-        shape = (self.n_kv, self.rep, self.head_dim)
-        return lo.view(shape).amin(1).reshape(-1), hi.view(shape).amax(1).reshape(-1)
-
-
-def head_layout(family: Family, config) -> HeadLayout:
-    return HeadLayout(*family.heads(config))
 
 
 def single_cluster(channels: int) -> Clustering:

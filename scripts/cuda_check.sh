@@ -35,8 +35,8 @@ if [[ ${#SOURCES[@]} -eq 0 ]]; then echo "cuda-check: no .cu files"; exit 0; fi
 FLAGS=("${SHIM[@]}" -std=c++17 -O2 -Xcompiler -fPIC --expt-relaxed-constexpr
        -I"$TORCH_INC" -I"$TORCH_INC/torch/csrc/api/include" -I"$PY_INC" -Icsrc
        -D_GLIBCXX_USE_CXX11_ABI="$ABI" -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H
-       -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__
-       -U__CUDA_NO_HALF2_OPERATORS__)
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__
+       -D__CUDA_NO_HALF2_OPERATORS__)  # as torch.utils.cpp_extension builds them
 pids=(); names=()
 for arch in 80 90; do
   for src in "${SOURCES[@]}"; do

@@ -8,7 +8,8 @@ from rptq_cli.models import family_for
 from rptq_cli.nn.attention import use_rptq_attention
 from rptq_cli.nn.norm import ReorderNorm
 from rptq_cli.outliers import inject_outliers
-from rptq_cli.reorder import fold_layer, head_layout, plan_layer
+from rptq_cli.models.base import head_layout
+from rptq_cli.reorder import fold_layer, plan_layer
 from tiny import build_model
 
 CLUSTERS = QuantConfig(clusters=dict(R1=5, R2=3, R3=3, R4=6, R5=7))
