@@ -295,7 +295,6 @@ def _load_norm(t: _Tensors, path: str, norm: nn.Module, rms: bool, eps: float, d
 
 def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     """Load an rptq checkpoint → (model, tokenizer). Weights stay packed; nothing is built in fp16 first."""
-    from .config import ACT_POINTS  # noqa: F401  (documented points)
     from .models.base import head_layout, norm_eps, replace
     directory = Path(path)
     if not (directory / "config.json").is_file():
@@ -317,11 +316,9 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     heads = head_layout(family, hf_config)
     rms = family.norm_kind == "rms"
-    inputs = [(family.q, "x1"), (family.k, "x1"), (family.v, "x1"), (family.o, "o_in"),
-              *((p, "x2") for p in family.mlp_in), (family.mlp_out, "down_in")]
     for i, layer in enumerate(family.decoder_layers(model)):
         prefix = f"{family.layers}.{i}."
-        for path, point in inputs:
+        for path, point in family.linear_inputs():
             replace(layer, path, _load_linear(tensors, prefix + path, layer.get_submodule(path), config.wbits,
                                               config.act_bits(point), dtype))
         for path in (family.attn_norm, family.mlp_norm):

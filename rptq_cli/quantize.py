@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import ChannelObserver, LayerRunner, LayerStats, StatsFile, observe_layer
+from .calibrate import STAT_POINTS, ChannelObserver, LayerRunner, LayerStats, StatsFile, observe_layer
 from .config import FP, QuantConfig
 from .models.base import Family, HeadLayout, head_layout, replace
 from .nn.attention import AttentionQuant
@@ -94,9 +94,7 @@ def quantize_layer_weights(layer: nn.Module, family: Family, config: QuantConfig
                            acts: dict[str, ActQuant | None], solvers: dict[str, GPTQ], report: QuantReport,
                            layer_index: int) -> None:
     """Replace every linear of the layer by a QuantLinear with quantized weight and input quantizer."""
-    inputs = [(family.q, "x1"), (family.k, "x1"), (family.v, "x1"), (family.o, "o_in"),
-              *((p, "x2") for p in family.mlp_in), (family.mlp_out, "down_in")]
-    for path, point in inputs:
+    for path, point in family.linear_inputs():
         linear = layer.get_submodule(path)
         quantized = None
         if config.quantizes_weights:
@@ -146,7 +144,7 @@ def quantize_model(model: nn.Module, family: Family, tokens: torch.Tensor, confi
                     (collect_hessians(layer, shared_inputs) if gptq else contextlib.nullcontext({})) as solvers:
                 runner.forward(layer, hidden, desc=f"{tag} calibrate" if tag else "")
             acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip)
-                    for p in ("x1", "q", "k", "v", "o_in", "x2", "down_in")}
+                    for p in STAT_POINTS}
             report.seconds["calibrate"] += clock() - t
 
             t = clock()

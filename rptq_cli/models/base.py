@@ -38,6 +38,11 @@ class Family:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         return n_heads, n_kv, head_dim
 
+    def linear_inputs(self) -> list[tuple[str, str]]:
+        """Every linear layer of a decoder layer with the activation point that feeds it."""
+        return [(self.q, "x1"), (self.k, "x1"), (self.v, "x1"), (self.o, "o_in"),
+                *((path, "x2") for path in self.mlp_in), (self.mlp_out, "down_in")]
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
