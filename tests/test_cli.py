@@ -125,3 +125,45 @@ def test_foreign_stats_file(tiny_opt_dir, corpus_file, tmp_path):
     bogus = tmp_path / "x.safetensors"
     bogus.write_bytes(b"not a safetensors file")
     assert_user_error(run("eval", tiny_opt_dir, "--data-path", corpus_file, "--wbits", 4, "--stats", bogus), "x.safetensors")
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tiny_opt_dir, corpus_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized") / "w4a4kv"
+    result = run("quantize", tiny_opt_dir, "--config", "w4a4kv", "--calib-path", corpus_file, *CALIB,
+                 "--clusters", "R1=8,R2=2,R3=2,R4=8,R5=8", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "bits per weight" in result.output and "FP16" in result.output
+    return out
+
+
+def test_quantize_eval_generate(checkpoint_dir, tiny_opt_dir, corpus_file, tmp_path):
+    assert json.loads((checkpoint_dir / "rptq.json").read_text())["calibration"]["nsamples"] == 4
+    out = tmp_path / "res.json"
+    result = run("eval", checkpoint_dir, "--data-path", corpus_file, "--seqlen", 32, "--json", out)
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())
+    assert res["quantization"]["label"] == "W4A4KV" and res["results"]["wikitext"]["ppl"] > 0
+
+    result = run("generate", checkpoint_dir, "The river", "--max-new-tokens", 8, "--verbose")
+    assert result.exit_code == 0, result.output
+    kv_line = next(line for line in result.output.splitlines() if line.startswith("KV cache:"))
+    assert "4-bit codes" in kv_line
+    fp = run("generate", tiny_opt_dir, "The river", "--max-new-tokens", 4)
+    assert fp.exit_code == 0 and "The river" in fp.output, fp.output
+
+
+def test_quantize_refuses_to_overwrite(checkpoint_dir, tiny_opt_dir, corpus_file):
+    before = (checkpoint_dir / "model.safetensors").read_bytes()
+    assert_user_error(run("quantize", tiny_opt_dir, "--wbits", 4, "--calib-path", corpus_file, *CALIB, "-o",
+                          checkpoint_dir), "--force")
+    assert (checkpoint_dir / "model.safetensors").read_bytes() == before
+
+
+def test_quantize_needs_something_to_quantize(tiny_opt_dir, tmp_path):
+    assert_user_error(run("quantize", tiny_opt_dir, "-o", tmp_path / "out"), "--wbits")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_checkpoint_refuses_quantization_flags(checkpoint_dir, corpus_file):
+    assert_user_error(run("eval", checkpoint_dir, "--data-path", corpus_file, "--wbits", 4), "already quantized")
