@@ -66,6 +66,7 @@ inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // software prefetch distance of the weight stream, in rows
 constexpr int64_t kPrefetchRows = 2;
+constexpr int64_t kSpreadRows = 4;
 
 // Codes of x[0..len) on one grid (bit-exact with quantize_one: x·inv, round half to even, + zero,
 // clamp) into out; returns Σ codes.
@@ -218,8 +219,8 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
   const BlockDecoder<BITS> dec;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = qw + n * rb;
-    if (n + kPrefetchRows < n1)  // more misses in flight than the hardware prefetcher keeps for one stream
-      for (int64_t i = 0; i < rb; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * rb + i), _MM_HINT_T0);
+    // software prefetch spread over the row (one block of row n + kSpreadRows per block; see ex4_rows)
+    const uint8_t* pf = row + (n + kSpreadRows < n1 ? kSpreadRows * rb : 0);
     const float* sc = scales + n * G;
     const uint8_t* zr = zeros + n * G;
     __m512 tot[M];
@@ -241,6 +242,8 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
         for (int m = 0; m < M; ++m) bl[m] = bh[m] = _mm512_setzero_ps();
         for (; s + 2 <= s1; s += 2) {
           __m512 wl0, wh0, wl1, wh1;
+          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * (4 * BITS)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s + 1] * (4 * BITS)), _MM_HINT_T0);
           dec(row, sg.chunk[s], wl0, wh0);
           dec(row, sg.chunk[s + 1], wl1, wh1);
           const float* xv = xs + s * 32 * M;
@@ -260,6 +263,7 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
       }
       for (; s < s1; ++s) {
         __m512 wl, wh;
+        _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * (4 * BITS)), _MM_HINT_T0);
         dec(row, sg.chunk[s], wl, wh);
         const float* xv = xs + s * 32 * M;
 #pragma GCC unroll 8
@@ -330,9 +334,147 @@ void v_gemvb(const float* x, int64_t M, const uint8_t* qw, const float* scales, 
   }
 }
 
+// ---- W4A16 GEMV, 1-3 rows, 128 codes a step, no int→float conversion ----------------------------------
+// 64 bytes of a row (4 blocks) per step, decoded with 32-bit ops only: for dword lane i (bytes 4i..4i+3,
+// block i/4), a shift puts one nibble at float mantissa bits 19..22 and its neighbour at bits 15..18, and
+// one ternlog per nibble makes the float 1 + c/16 (mask 0x00780000) or 1 + c/256 (mask 0x00078000)
+// (or-ed with 1.0f): 8 planes of 16 codes from 4 shifts + 8 ternlogs, exact floats. The activations are
+// laid out per plane once per call (×16 for the 1/256 planes, exact), so every plane contributes
+// x'·(1 + c/16·…) = x' + c·x/16: D = Σ x' + Σ c·x / 16 and per group
+// scale·(Σ c·x − z·Σ x) = 16·scale·D − scale·(16·Σ x' + z·Σ x), with both sums precomputed.
+// Groups are visited per 128-code chunk with the activations outside the group zeroed (exact for any
+// partition); used where that costs ≤ 25 % extra visits (large or 128-aligned groups), else the block path.
+template <int M>
+void ex4_rows(const float* xp, const int64_t* segq, const int64_t* first, const float* xoff, const float* xsum,
+              const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G, int64_t n0,
+              int64_t n1, int64_t N, const float* bias, float* y) {
+  const __m512i mk = _mm512_set1_epi32(0x00780000), mk2 = _mm512_set1_epi32(0x00078000);
+  const __m512i one = _mm512_set1_epi32(0x3F800000);
+  const int64_t full = rb / 64;
+  const __mmask64 tail = (rb % 64) ? ((__mmask64(1) << (rb % 64)) - 1u) : ~__mmask64(0);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = qw + n * rb;
+    // software prefetch spread over the row: one line of row n + kSpreadRows per chunk (a burst of a whole
+    // row's lines at once fills the line-fill buffers and stalls the arithmetic; measured ~15 % slower)
+    const uint8_t* pf = row + (n + kSpreadRows < n1 ? kSpreadRows * rb : 0);
+    const float* sc = scales + n * G;
+    const uint8_t* zr = zeros + n * G;
+    __m512 tot[M];
+    float corr[M];
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      tot[m] = _mm512_setzero_ps();
+      corr[m] = 0.f;
+    }
+    for (int g = 0; g < G; ++g) {
+      __m512 a[M][4];
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = a[m][2] = a[m][3] = _mm512_setzero_ps();
+      for (int64_t s = first[g]; s < first[g + 1]; ++s) {
+        const int64_t q = segq[s];
+        _mm_prefetch(reinterpret_cast<const char*>(pf + q * 64), _MM_HINT_T0);
+        const __m512i v = q < full ? _mm512_loadu_si512(row + q * 64) : _mm512_maskz_loadu_epi8(tail, row + q * 64);
+        const __m512i sh[4] = {_mm512_slli_epi32(v, 15), _mm512_slli_epi32(v, 7), _mm512_srli_epi32(v, 1),
+                               _mm512_srli_epi32(v, 9)};
+        const float* xv = xp + s * M * 128;
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          const __m512 wh = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sh[k], mk, one, 0xEA));   // (a & b) | c
+          const __m512 wl = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sh[k], mk2, one, 0xEA));
+#pragma GCC unroll 4
+          for (int m = 0; m < M; ++m) {
+            a[m][(2 * k) & 3] = _mm512_fmadd_ps(wh, _mm512_load_ps(xv + m * 128 + 32 * k), a[m][(2 * k) & 3]);
+            a[m][(2 * k + 1) & 3] = _mm512_fmadd_ps(wl, _mm512_load_ps(xv + m * 128 + 32 * k + 16), a[m][(2 * k + 1) & 3]);
+          }
+        }
+      }
+      const __m512 sv = _mm512_set1_ps(16.f * sc[g]);
+      const float z = float(zr[g]);
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) {
+        const __m512 d = _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3]));
+        tot[m] = _mm512_fmadd_ps(d, sv, tot[m]);
+        corr[m] += sc[g] * (16.f * xoff[m * G + g] + z * xsum[m * G + g]);
+      }
+    }
+    const float b = bias ? bias[n] : 0.f;
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(tot[m]) - corr[m] + b;
+  }
+}
+
+// false (nothing done) where the groups would cost too many extra chunk visits
+bool v_gemv4_ex(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
+                const int32_t* gs, int G, int64_t N, int64_t K, const float* bias, float* y) {
+  const int64_t Q = (K + 127) / 128;
+  int64_t nseg = 0, s0 = 0;
+  for (int g = 0; g < G; ++g) {
+    const int64_t e = s0 + gs[g];
+    nseg += (e - 1) / 128 - s0 / 128 + 1;
+    s0 = e;
+  }
+  if (nseg * 4 > Q * 5) return false;
+  Buf<int64_t> segq(nseg + 1), first(G + 1);
+  Buf<float> xp(nseg * M * 128);  // [seg][m][plane 8][16]
+  Buf<float> xoff(M * G), xsum(M * G);
+  // plane p, lane i: byte 4·(i % 4) + p / 2 of block i / 4; even planes the high nibble (code + 16, 1 + c/16),
+  // odd planes the low nibble (1 + c/256, activation ×16)
+  int off[128];
+  for (int p = 0; p < 8; ++p)
+    for (int i = 0; i < 16; ++i) off[p * 16 + i] = (i / 4) * 32 + 4 * (i % 4) + p / 2 + (p % 2 == 0 ? 16 : 0);
+  int64_t t = 0;
+  s0 = 0;
+  for (int g = 0; g < G; ++g) {
+    const int64_t e = s0 + gs[g];
+    first[g] = t;
+    double so[4] = {0, 0, 0, 0}, sx[4] = {0, 0, 0, 0};
+    for (int64_t q = s0 / 128; q <= (e - 1) / 128; ++q, ++t) {
+      segq[t] = q;
+      for (int64_t m = 0; m < M; ++m) {
+        float* dst = xp.p + (t * M + m) * 128;
+        for (int j = 0; j < 128; ++j) {
+          const int64_t c = q * 128 + off[j];
+          const float xv = (c >= s0 && c < e) ? x[m * K + c] : 0.f;
+          const float st = (j / 16) % 2 ? xv * 16.f : xv;
+          dst[j] = st;
+          so[m] += st;
+          sx[m] += xv;
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      xoff[m * G + g] = float(so[m]);
+      xsum[m * G + g] = float(sx[m]);
+    }
+    s0 = e;
+  }
+  first[G] = t;
+  const int64_t rb = row_bytes(K, 4);
+#pragma omp parallel if (N * rb * 2 > kParallelMin)
+  {
+    const int nt = omp_get_num_threads(), th = omp_get_thread_num();
+    const int64_t per = (N + nt - 1) / nt;
+    const int64_t n0 = imin(N, th * per), n1 = imin(N, n0 + per);
+    switch (M) {
+      case 1: ex4_rows<1>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
+      case 2: ex4_rows<2>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
+      case 3: ex4_rows<3>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
+      default: ex4_rows<4>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
+    }
+  }
+  return true;
+}
+
+// RPTQ_NO_EX_GEMV=1 (read once) turns this path off: for A/B timing against the block path
+bool use_ex_gemv() {
+  static const bool ok = !std::getenv("RPTQ_NO_EX_GEMV");
+  return ok;
+}
+
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                   const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y) {
   if (M > 8 || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
+  if (bits == 4 && M <= 3 && use_ex_gemv() && v_gemv4_ex(x, M, qw, scales, zeros, gs, G, N, K, bias, y)) return;
   if (bits == 4) return v_gemvb<4>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   if (bits == 3) return v_gemvb<3>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   Segments sg;
