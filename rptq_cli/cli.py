@@ -163,20 +163,15 @@ def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only,
     """GPTQ-protocol perplexity of an FP model or a simulated RPTQ quantization."""
     from .data import eval_tokens
     from .evaluate import perplexity
-    from .loading import default_seqlen, load_model, resolve_device, resolve_dtype
+    from .loading import default_seqlen, resolve_device, resolve_dtype
     if data_paths and len(data_paths) != len(tasks):
         raise RptqError(f"{len(data_paths)} --data-path for {len(tasks)} --task; give one file per task, in order")
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
     device = resolve_device(device)
-    from .export import is_quantized_checkpoint, load_quantized
-    if is_quantized_checkpoint(model):
-        if config is not None:
-            raise RptqError(f"{model} is already quantized; drop the quantization flags to evaluate it as it is")
-        net, tokenizer = load_quantized(model, dtype=resolve_dtype(dtype, device))
-        family = None
-    else:
-        net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
+    net, tokenizer, family = _load_any(model, resolve_dtype(dtype, device))
+    if family is None and config is not None:
+        raise RptqError(f"{model} is already quantized; drop the quantization flags to evaluate it as it is")
     _check_seqlen(seqlen, net.config)
     eval_seqlen = seqlen or default_seqlen(net.config)
     texts = {task: eval_tokens(task, tokenizer, seqlen=eval_seqlen, data_path=path)
@@ -215,17 +210,13 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
             "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
 
 
-def _load_for_inference(model: str, device, dtype):
-    """A packed rptq checkpoint or a plain FP model, on ``device``."""
+def _load_any(model: str, dtype):
+    """A packed rptq checkpoint → (model, tokenizer, None); an FP model → (model, tokenizer, family), on the CPU."""
     from .export import is_quantized_checkpoint, load_quantized
     from .loading import load_model
     if is_quantized_checkpoint(model):
-        net, tokenizer = load_quantized(model, dtype=dtype)
-        return net.to(device), tokenizer, True
-    net, tokenizer, _ = load_model(model, dtype)
-    from .nn.attention import use_rptq_attention
-    use_rptq_attention(net)
-    return net.to(device), tokenizer, False
+        return (*load_quantized(model, dtype=dtype), None)
+    return load_model(model, dtype)
 
 
 @main.command()
@@ -240,11 +231,10 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
              no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
              dtype):
     """Quantize MODEL with RPTQ and write a packed checkpoint directory."""
-    from .export import save_quantized, source_hashes
+    from .export import check_output, save_quantized, source_hashes
     from .loading import load_model, resolve_device, resolve_dtype
     from .report import checkpoint_summary
-    if Path(output).exists() and not force:
-        raise RptqError(f"{output} already exists; pass --force to replace it or choose another -o")
+    check_output(output, force)  # before the expensive part, not only when writing
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
     if config is None:
@@ -284,7 +274,8 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, d
     from .loading import resolve_device, resolve_dtype
     from .nn.kv_cache import PackedKVCache
     device = resolve_device(device)
-    net, tokenizer, quantized = _load_for_inference(model, device, resolve_dtype(dtype, device))
+    net, tokenizer, _ = _load_any(model, resolve_dtype(dtype, device))
+    net.to(device)
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
     cache = PackedKVCache.from_model(net)
     torch.manual_seed(seed)

@@ -144,21 +144,29 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def source_hashes(model_name: str) -> dict[str, str]:
-    """sha256 of the source model's weight files when it is a local directory (else {})."""
+def weight_files(model_name: str) -> list[Path]:
+    """The weight files of a model that is a local directory (else [])."""
     path = Path(model_name)
     if not path.is_dir():
-        return {}
-    return {f.name: file_sha256(f) for f in sorted(path.iterdir())
-            if f.suffix in (".safetensors", ".bin") and f.is_file()}
+        return []
+    return [f for f in sorted(path.iterdir()) if f.suffix in (".safetensors", ".bin") and f.is_file()]
+
+
+def source_hashes(model_name: str) -> dict[str, str]:
+    """sha256 of the source model's weight files when it is a local directory (else {})."""
+    return {f.name: file_sha256(f) for f in weight_files(model_name)}
+
+
+def check_output(output: str | os.PathLike, force: bool) -> None:
+    if Path(output).exists() and not force:
+        raise RptqError(f"{output} already exists; pass --force to replace it or choose another -o")
 
 
 def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str | os.PathLike, *,
                    provenance: dict, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write the checkpoint atomically: a temporary sibling directory, renamed into place when complete."""
     output = Path(output)
-    if output.exists() and not force:
-        raise RptqError(f"{output} already exists; pass --force to replace it or choose another -o")
+    check_output(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:

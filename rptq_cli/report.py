@@ -5,7 +5,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .export import INDEX_NAME, WEIGHTS_NAME
+from .export import INDEX_NAME, WEIGHTS_NAME, weight_files
 from .nn.linear import QuantLinear
 from .quant.pack import ideal_bytes, packed_row_bytes
 
@@ -14,11 +14,9 @@ MiB = 1024 * 1024
 
 def fp16_model_bytes(source: str, model: nn.Module) -> int:
     """The FP model's weight files when it is a local directory, else 2 bytes per parameter (fp16)."""
-    path = Path(source)
-    if path.is_dir():
-        files = [f for f in path.iterdir() if f.suffix in (".safetensors", ".bin")]
-        if files:
-            return sum(f.stat().st_size for f in files)
+    files = weight_files(source)
+    if files:
+        return sum(f.stat().st_size for f in files)
     return 2 * sum(p.numel() for p in model.parameters())
 
 

@@ -9,11 +9,11 @@ the packed codes with ``rptq::decode_attention``.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
-
-from typing import TYPE_CHECKING
 
 from .. import kernels
 from ..quant.grid import expand_groups
