@@ -113,13 +113,9 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
 template <int M, int BITS>
 void gemv(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb, const float* scales,
           const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-#pragma omp parallel if (N * rb * 2 > kParallelMin)
-  {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = (N + nt - 1) / nt;
-    const int64_t n0 = imin(N, t * per), n1 = imin(N, n0 + per);
+  parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
     gemv_rows<M, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
-  }
+  });
 }
 
 template <int BITS>

@@ -146,13 +146,9 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
 template <int M, int BITS>
 void gemv(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb, const float* scales,
           const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-#pragma omp parallel if (N * rb * 2 > kParallelMin)
-  {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = (N + nt - 1) / nt;
-    const int64_t n0 = imin(N, t * per), n1 = imin(N, n0 + per);
+  parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
     gemv_rows<M, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
-  }
+  });
 }
 
 template <int BITS>
@@ -289,13 +285,9 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
 template <int M, int BITS>
 void gemvb(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb, const float* scales,
            const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-#pragma omp parallel if (N * rb * 2 > kParallelMin)
-  {
-    const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t per = (N + nt - 1) / nt;
-    const int64_t n0 = imin(N, t * per), n1 = imin(N, n0 + per);
+  parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
     gemvb_rows<M, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
-  }
+  });
 }
 
 template <int BITS>
@@ -450,18 +442,14 @@ bool v_gemv4_ex(const float* x, int64_t M, const uint8_t* qw, const float* scale
   }
   first[G] = t;
   const int64_t rb = row_bytes(K, 4);
-#pragma omp parallel if (N * rb * 2 > kParallelMin)
-  {
-    const int nt = omp_get_num_threads(), th = omp_get_thread_num();
-    const int64_t per = (N + nt - 1) / nt;
-    const int64_t n0 = imin(N, th * per), n1 = imin(N, n0 + per);
+  parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
     switch (M) {
       case 1: ex4_rows<1>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
       case 2: ex4_rows<2>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
       case 3: ex4_rows<3>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
       default: ex4_rows<4>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
     }
-  }
+  });
   return true;
 }
 
