@@ -111,14 +111,15 @@ def _qlinear(n: int, k: int, bits: int, groups: int, seed: int = 0):
     gs = torch.full((groups,), k // groups, dtype=torch.int32)
     gs[: k % groups] += 1
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
-    scales = (torch.rand(n, groups, generator=g) * 0.01 + 0.001).half()
+    # stored as fp16, handed to the CPU kernels as float32 (QuantLinear.kernel_scales)
+    scales = (torch.rand(n, groups, generator=g) * 0.01 + 0.001).half().float()
     zeros = torch.randint(0, 1 << bits, (n, groups), generator=g, dtype=torch.uint8)
     qweight = pack_rows(codes, bits)
     return qweight, scales, zeros, gs
 
 
 def _weight_bytes(qweight, scales, zeros) -> int:
-    return qweight.numel() + scales.numel() * 2 + zeros.numel()
+    return qweight.nbytes + scales.nbytes + zeros.nbytes
 
 
 def _row(op, shape, ms, baseline, baseline_ms, **extra) -> dict:

@@ -69,7 +69,7 @@ def decode(directory: Path, which: str, new_tokens: int, threads: int) -> dict:
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
         if cache is not None:
-            cache = PackedKVCache.from_model(model)
+            cache = PackedKVCache.from_model(model, max_length=PROMPT_TOKENS + new_tokens)
         start = time.perf_counter()
         model.generate(prompt, past_key_values=cache, **kwargs)
         seconds = time.perf_counter() - start

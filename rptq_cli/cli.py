@@ -277,7 +277,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, d
     net, tokenizer, _ = _load_any(model, resolve_dtype(dtype, device))
     net.to(device)
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    cache = PackedKVCache.from_model(net)
+    cache = PackedKVCache.from_model(net, max_length=inputs["input_ids"].shape[1] + max_new_tokens)
     torch.manual_seed(seed)
     start = time.perf_counter()
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)

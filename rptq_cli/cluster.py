@@ -13,7 +13,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
 
@@ -35,6 +34,17 @@ class Clustering:
     perm: torch.Tensor
     cluster_sizes: torch.Tensor
     groups_per_head: list[int]
+
+
+def _faiss():
+    """faiss, imported only to cluster: loading and running a checkpoint, or quantizing without reorder,
+    works on machines without it (GPU images often lack it)."""
+    try:
+        import faiss
+    except ImportError:
+        raise RptqError("clustering needs faiss, which is not installed: run `pip install faiss-cpu` "
+                        "(or `make install`), or quantize with --no-reorder") from None
+    return faiss
 
 
 def invert_perm(perm: torch.Tensor) -> torch.Tensor:
@@ -75,6 +85,7 @@ def cluster_channels(features: torch.Tensor, n_clusters: int, n_heads: int = 1, 
 
     points = features.detach().cpu().to(torch.float32).numpy()
     perm, sizes, groups_per_head = [], [], []
+    faiss = _faiss()
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # multi-threaded reductions would make the centroids run-dependent
     try:
@@ -104,6 +115,7 @@ def _kmeans_labels(points: np.ndarray, k: int, seed: int) -> np.ndarray:
     n, dim = points.shape
     if k == 1:
         return np.zeros(n, dtype=np.int64)
+    faiss = _faiss()
     kmeans = faiss.Kmeans(
         dim,
         k,

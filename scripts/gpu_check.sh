@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device run of the CUDA kernels: build rptq_cli._C in place (CPU + CUDA sources, sm_90 only, to
-# keep the build short), run tests/test_kernels_cuda.py, then the CUDA bench. Logs and the bench JSON
-# go to $OUT (default /tmp/rptq_gpu_out). Usage: scripts/gpu_check.sh [--bench-only-quick]
+# keep the build short), run the CUDA op tests (tests/test_kernels_cuda.py) and the model/CLI tests on the
+# GPU (tests/test_model_cuda.py), then the CUDA bench. Logs and the bench JSON go to $OUT (default
+# /tmp/rptq_gpu_out). Usage: [BENCH_ARGS=--quick] scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rptq_gpu_out}
@@ -48,7 +49,8 @@ PY
 t1=$(date +%s); echo "build: $((t1 - t0)) s" | tee -a "$OUT/gpu.txt"
 
 # ---- tests ---------------------------------------------------------------------------------------
-timeout 200 python3 -m pytest tests/test_kernels_cuda.py -q -p no:cacheprovider --noconftest -rfE \
+timeout 240 python3 -m pytest tests/test_kernels_cuda.py tests/test_model_cuda.py -q -p no:cacheprovider \
+  --noconftest -rfE -W ignore::pytest.PytestUnknownMarkWarning \
   --junitxml="$OUT/tests.xml" 2>&1 | tail -n 120 | tee "$OUT/tests.log"
 t2=$(date +%s); echo "tests: $((t2 - t1)) s" | tee -a "$OUT/gpu.txt"
 

@@ -111,3 +111,19 @@ def test_identity_clustering_and_invert_perm():
     x = torch.randn(3, 100)
     assert torch.equal(x[:, perm][:, inv], x)
     assert torch.equal(perm[inv], torch.arange(100))
+
+
+def test_only_clustering_needs_faiss(monkeypatch, tiny_opt_dir, corpus_file, tmp_path):
+    from click.testing import CliRunner
+
+    from rptq_cli.cli import main
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # `import faiss` now raises ImportError
+    with pytest.raises(RptqError, match="faiss-cpu"):
+        cluster_channels(_ranges(16), 4)
+    calib = ["--calib-path", str(corpus_file), "--nsamples", "2", "--seqlen", "32"]
+    plain = CliRunner().invoke(main, ["quantize", str(tiny_opt_dir), "--wbits", "4", "--abits", "8", "--no-reorder",
+                                      *calib, "-o", str(tmp_path / "q")])
+    assert plain.exit_code == 0 and (tmp_path / "q" / "model.safetensors").exists(), plain.output
+    reordered = CliRunner().invoke(main, ["quantize", str(tiny_opt_dir), "--wbits", "4", "--abits", "8", *calib,
+                                          "-o", str(tmp_path / "r")])
+    assert reordered.exit_code == 2 and "faiss" in reordered.output and not (tmp_path / "r").exists()

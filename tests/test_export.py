@@ -97,6 +97,19 @@ def test_packed_weights_waste_nothing(bits):
         assert stored <= 0.27 * 256 * 512 * 2
 
 
+def test_cpu_scales_follow_the_stored_fp16_scales():
+    q = rtn_quantize(torch.randn(64, 256), torch.full((2,), 128, dtype=torch.int32), 4)
+    layer = QuantLinear.from_linear(torch.nn.Linear(256, 64), q, None)
+    assert layer.scales.dtype == torch.float16 and layer.kernel_scales().dtype == torch.float32
+    x = torch.randn(3, 256)
+    expected = x @ layer.dequantized_weight().T + layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-3)
+    layer.scales.mul_(2)  # an in-place write must not leave the float32 copy stale
+    torch.testing.assert_close(layer(x), 2 * expected - layer.bias, rtol=1e-4, atol=2e-3)
+    layer.to(torch.float32)  # a replaced buffer: float32 scales are read as they are
+    assert layer.kernel_scales() is layer.scales and layer._cpu_scales is None
+
+
 def test_same_inputs_same_bytes(tmp_path):
     config = QuantConfig(wbits=4, abits=4, clusters=SMALL)
     for name in ("a", "b"):

@@ -1,11 +1,16 @@
 """A transformers ``Cache`` whose layers hold K and V as packed per-cluster codes, not fp16 values.
 
-Each layer keeps uint8 codes [B, kv_heads, T, packed_row_bytes(head_dim, bits)] and the static
+Each layer keeps uint8 codes [B, kv_heads, capacity, packed_row_bytes(head_dim, bits)] and the static
 per-channel (cluster-expanded) scales and zero-points of its K and V quantizers; nothing grows with T but
 the codes, so a token costs exactly bits/16 of its fp16 size (plus block padding when head_dim is not a
-multiple of 32). ``update`` quantizes the new keys (after the post-RoPE R2 gather) and values, appends them,
-and returns the layer itself: :func:`rptq_cli.nn.attention.rptq_attention` recognises it and attends over
-the packed codes with ``rptq::decode_attention``.
+multiple of 32). ``update`` quantizes the new keys (after the post-RoPE R2 gather) and values straight into
+the preallocated buffers with ``rptq::kv_append`` and returns the layer itself:
+:func:`rptq_cli.nn.attention.rptq_attention` recognises it and attends over the first ``length`` positions
+with ``rptq::decode_attention``.
+
+Capacity: ``max_length`` when the caller knows it (``rptq generate`` does: prompt + new tokens), so nothing is
+ever copied; otherwise the buffers grow by half their size, rounded up to ``GROWTH_TOKENS``, which keeps the
+copying amortised O(1) per token and the slack under a third of the memory.
 """
 from __future__ import annotations
 
@@ -26,10 +31,13 @@ class PackedKVLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, spec: AttentionQuant):
+    GROWTH_TOKENS = 256
+
+    def __init__(self, spec: AttentionQuant, max_length: int | None = None):
         super().__init__()
         self.spec = spec
         self.bits = spec.k.bits
+        self.max_length = max_length
         self.length = 0
 
     @staticmethod
@@ -48,21 +56,37 @@ class PackedKVLayer(CacheLayerMixin):
         self.values = torch.empty(b, h, 0, row, dtype=torch.uint8, device=self.device)
         self.is_initialized = True
 
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for ``needed`` positions, keeping the codes already written."""
+        if needed <= self.capacity:
+            return
+        target = max(needed, self.max_length or 0, self.capacity + self.capacity // 2)
+        target = -(-target // self.GROWTH_TOKENS) * self.GROWTH_TOKENS
+        b, h, _, row = self.keys.shape
+        for name in ("keys", "values"):
+            grown = torch.empty(b, h, target, row, dtype=torch.uint8, device=self.device)
+            grown[:, :, :self.length] = getattr(self, name)[:, :, :self.length]
+            setattr(self, name, grown)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._reserve(self.length + key_states.shape[2])
         key_states = self.spec.permute_k(key_states)
-        k = kernels.kv_pack(key_states.contiguous(), self.k_scale, self.k_zero, self.bits)
-        v = kernels.kv_pack(value_states.contiguous(), self.v_scale, self.v_zero, self.bits)
-        self.keys = torch.cat([self.keys, k], dim=2)
-        self.values = torch.cat([self.values, v], dim=2)
+        kernels.kv_append(self.keys, key_states.contiguous(), self.k_scale, self.k_zero, self.bits, self.length)
+        kernels.kv_append(self.values, value_states.contiguous(), self.v_scale, self.v_zero, self.bits, self.length)
         self.length += key_states.shape[2]
         return self, self
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float K (in R2 order) and V of the whole cache — the fallback path, for masks with padding."""
-        k = kernels.kv_unpack(self.keys, self.k_scale, self.k_zero, self.bits, self.head_dim)
-        v = kernels.kv_unpack(self.values, self.v_scale, self.v_zero, self.bits, self.head_dim)
+        """Float K (in R2 order) and V of the filled positions — the fallback path, for masks with padding."""
+        k, v = (kernels.kv_unpack(codes[:, :, :self.length].contiguous(), scale, zero, self.bits, self.head_dim)
+                for codes, scale, zero in ((self.keys, self.k_scale, self.k_zero),
+                                           (self.values, self.v_scale, self.v_zero)))
         return k.to(self.dtype), v.to(self.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -75,6 +99,13 @@ class PackedKVLayer(CacheLayerMixin):
         return -1
 
     def nbytes(self) -> int:
+        """Bytes the stored tokens occupy (K and V); the preallocated tail is in :meth:`reserved_nbytes`."""
+        if not self.is_initialized:
+            return 0
+        b, h, _, row = self.keys.shape
+        return 2 * b * h * self.length * row
+
+    def reserved_nbytes(self) -> int:
         return 0 if not self.is_initialized else self.keys.nbytes + self.values.nbytes
 
     def reset(self) -> None:
@@ -91,17 +122,21 @@ class PackedKVLayer(CacheLayerMixin):
 class PackedKVCache(Cache):
     """One :class:`PackedKVLayer` per decoder layer, built from the model's attention quantizers."""
 
-    def __init__(self, specs: list[AttentionQuant]):
-        super().__init__(layers=[PackedKVLayer(spec) for spec in specs])
+    def __init__(self, specs: list[AttentionQuant], max_length: int | None = None):
+        super().__init__(layers=[PackedKVLayer(spec, max_length) for spec in specs])
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "PackedKVCache | None":
-        """The packed cache of a quantized model, or None when its K/V are not quantized (use a DynamicCache)."""
+    def from_model(cls, model: nn.Module, max_length: int | None = None) -> "PackedKVCache | None":
+        """The packed cache of a quantized model, or None when its K/V are not quantized (use a DynamicCache).
+        ``max_length`` (tokens per sequence) preallocates the buffers once; without it they grow as needed."""
         from .attention import AttentionQuant
         specs = [m for m in model.modules() if isinstance(m, AttentionQuant)]
         if not specs or any(s.k is None or s.v is None or s.k.bits != s.v.bits for s in specs):
             return None
-        return cls(specs)
+        return cls(specs, max_length)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+    def reserved_nbytes(self) -> int:
+        return sum(layer.reserved_nbytes() for layer in self.layers)
