@@ -21,7 +21,6 @@ namespace avx2 {
 namespace {
 
 constexpr int64_t kPrefetchRows = 2;
-constexpr int64_t kPrefetchKv = 16;
 
 inline __m256i load8(const uint8_t* p) {
   uint64_t v;
@@ -234,95 +233,40 @@ inline void softmax_row(float* sc, int64_t len, int p_bits) {
   for (s = 0; s < len; ++s) sc[s] = round_p(sc[s] * inv, p_bits);
 }
 
-template <int BITS>
-void attn_head(const float* const* qrows, int64_t nq, int64_t Tq, int64_t D, const uint8_t* kb, const uint8_t* vb,
-               int64_t rb, const float* ks, const int32_t* kz, const float* vs, const int32_t* vz, int64_t kv_len,
-               float scaling, int p_bits, float* const* orows, float* qs, float* qc, float* scores, float* acc,
-               float* psum) {
-  const int64_t C = (D + 7) / 8;
-  for (int64_t j = 0; j < nq; ++j) {
-    float c = 0.f;
-    for (int64_t d = 0; d < C * 8; ++d) {
-      const float v = d < D ? qrows[j][d] * ks[d] * scaling : 0.f;
-      qs[j * C * 8 + d] = v;
-      if (d < D) c += v * float(kz[d]);
-    }
-    qc[j] = c;
-  }
-  for (int64_t s = 0; s < kv_len; ++s) {
-    const uint8_t* row = kb + s * rb;
-    if (s + kPrefetchKv < kv_len) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
-    for (int64_t j = 0; j < nq; ++j) {
-      const float* qj = qs + j * C * 8;
-      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-      int64_t c = 0;
-      for (; c + 2 <= C; c += 2) {
-        a0 = _mm256_fmadd_ps(unpack8_ps<BITS>(row, c), _mm256_load_ps(qj + 8 * c), a0);
-        a1 = _mm256_fmadd_ps(unpack8_ps<BITS>(row, c + 1), _mm256_load_ps(qj + 8 * c + 8), a1);
-      }
-      if (c < C) a0 = _mm256_fmadd_ps(unpack8_ps<BITS>(row, c), _mm256_load_ps(qj + 8 * c), a0);
-      scores[j * kv_len + s] = hsum8(_mm256_add_ps(a0, a1)) - qc[j];
-    }
-  }
-  for (int64_t j = 0; j < nq; ++j) {
-    const int64_t t = j % Tq, visible = kv_len - Tq + t + 1;
-    float* sc = scores + j * kv_len;
-    softmax_row(sc, visible, p_bits);
-    float ps = 0.f;
-    for (int64_t s = 0; s < visible; ++s) ps += sc[s];
-    for (int64_t s = visible; s < kv_len; ++s) sc[s] = 0.f;
-    psum[j] = ps;
-  }
-  for (int64_t i = 0; i < nq * C * 8; ++i) acc[i] = 0.f;
-  for (int64_t s = 0; s < kv_len; ++s) {
-    const uint8_t* row = vb + s * rb;
-    if (s + kPrefetchKv < kv_len) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
-    for (int64_t c = 0; c < C; ++c) {
-      const __m256 v = unpack8_ps<BITS>(row, c);
-      for (int64_t j = 0; j < nq; ++j) {
-        const float p = scores[j * kv_len + s];
-        float* a = acc + (j * C + c) * 8;
-        _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p), v, _mm256_load_ps(a)));
-      }
-    }
-  }
-  for (int64_t j = 0; j < nq; ++j)
-    for (int64_t d = 0; d < D; ++d) orows[j][d] = vs[d] * (acc[j * C * 8 + d] - float(vz[d]) * psum[j]);
-}
+// The ISA pieces of simd_decode_attention (generic.inc), 8 lanes wide.
+struct Attention {
+  static constexpr int64_t kLanes = 8;
 
-void v_decode_attention(const float* q, int64_t B, int64_t Hq, int64_t Tq, int64_t D, const uint8_t* kp,
-                        const uint8_t* vp, int64_t Hkv, int64_t S, const float* k_scale, const int32_t* k_zero,
-                        const float* v_scale, const int32_t* v_zero, int bits, int64_t kv_len, float scaling,
-                        int p_bits, float* out) {
-  const int64_t rb = row_bytes(D, bits), rep = Hq / Hkv, nq = rep * Tq, C = (D + 7) / 8;
-#pragma omp parallel if (B * Hkv * kv_len * D > kParallelMin)
-  {
-    Buf<const float*> qrows(nq);
-    Buf<float*> orows(nq);
-    Buf<float> qs(nq * C * 8), qc(nq), scores(nq * kv_len), acc(nq * C * 8), psum(nq);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
-      const int64_t b = bh / Hkv, hk = bh % Hkv;
-      for (int64_t j = 0; j < nq; ++j) {
-        const int64_t r = j / Tq, t = j % Tq, off = (((b * Hq) + hk * rep + r) * Tq + t) * D;
-        qrows[j] = q + off;
-        orows[j] = out + off;
+  template <int BITS>
+  static float qk(const uint8_t* row, const float* q, int64_t C) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      a0 = _mm256_fmadd_ps(unpack8_ps<BITS>(row, c), _mm256_load_ps(q + 8 * c), a0);
+      a1 = _mm256_fmadd_ps(unpack8_ps<BITS>(row, c + 1), _mm256_load_ps(q + 8 * c + 8), a1);
+    }
+    if (c < C) a0 = _mm256_fmadd_ps(unpack8_ps<BITS>(row, c), _mm256_load_ps(q + 8 * c), a0);
+    return hsum8(_mm256_add_ps(a0, a1));
+  }
+
+  static void softmax_row(float* sc, int64_t len, int p_bits) { avx2::softmax_row(sc, len, p_bits); }
+
+  template <int BITS>
+  static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, float* acc) {
+    for (int64_t i = 0; i < nq * C * 8; ++i) acc[i] = 0.f;
+    for (int64_t s = 0; s < kv_len; ++s) {
+      const uint8_t* row = vb + s * rb;
+      if (s + kPrefetchKv < kv_len) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
+      for (int64_t c = 0; c < C; ++c) {
+        const __m256 v = unpack8_ps<BITS>(row, c);
+        for (int64_t j = 0; j < nq; ++j) {
+          float* a = acc + (j * C + c) * 8;
+          _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p[j * kv_len + s]), v, _mm256_load_ps(a)));
+        }
       }
-      const uint8_t* kb = kp + bh * S * rb;
-      const uint8_t* vb = vp + bh * S * rb;
-#define RPTQ_ATTN(BITS_)                                                                                      \
-  attn_head<BITS_>(qrows.p, nq, Tq, D, kb, vb, rb, k_scale + hk * D, k_zero + hk * D, v_scale + hk * D,       \
-                   v_zero + hk * D, kv_len, scaling, p_bits, orows.p, qs.p, qc.p, scores.p, acc.p, psum.p)
-      switch (bits) {
-        case 2: RPTQ_ATTN(2); break;
-        case 3: RPTQ_ATTN(3); break;
-        case 4: RPTQ_ATTN(4); break;
-        default: RPTQ_ATTN(8);
-      }
-#undef RPTQ_ATTN
     }
   }
-}
+};
 
 }  // namespace
 }  // namespace avx2
@@ -334,7 +278,7 @@ void fill_avx2(KernelTable* t) {
   avx2::fill_generic(t);
   t->linear_a16 = avx2::v_linear_a16;
   t->dequant_weight = avx2::v_dequant_weight;
-  t->decode_attention = avx2::v_decode_attention;
+  t->decode_attention = avx2::simd_decode_attention<avx2::Attention>;
   t->isa = "avx2";
 }
 }  // namespace rptq_cpu

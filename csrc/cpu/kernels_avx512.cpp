@@ -102,6 +102,36 @@ void v_quantize_act(const float* x, int64_t rows, int64_t C, const float* scale,
 // y[m, n] = Σ_g scale[n,g] · (Σ_{k∈g} code[n,k] x[m,k] − zero[n,g] Σ_{k∈g} x[m,k]): the codes are
 // converted to float in registers and multiplied with the group-masked activations; the zero-point
 // enters once per group through the activation sums.
+// One output row n of a GEMV over M activation rows: y[m, n] = Σ_g scale_g · dot_g[m] − Σ_g scale_g · zero_g ·
+// xsum[m, g] + bias[n], where group_dot(g, acc) leaves Σ_{k∈g} code_k · x[m, k] in the lanes of acc[m].
+template <int M, typename GroupDot>
+inline void gemv_row(int64_t n, const float* scales, const uint8_t* zeros, int G, const float* xsum,
+                     const float* bias, int64_t N, float* y, GroupDot&& group_dot) {
+  const float* sc = scales + n * G;
+  const uint8_t* zr = zeros + n * G;
+  __m512 tot[M];
+  float corr[M];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    tot[m] = _mm512_setzero_ps();
+    corr[m] = 0.f;
+  }
+  for (int g = 0; g < G; ++g) {
+    __m512 acc[M];
+    group_dot(g, acc);
+    const __m512 sv = _mm512_set1_ps(sc[g]);
+    const float sz = sc[g] * float(zr[g]);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
+      corr[m] += sz * xsum[m * G + g];
+    }
+  }
+  const float b = bias ? bias[n] : 0.f;
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) y[m * N + n] = hsum(tot[m]) - corr[m] + b;
+}
+
 template <int M, int BITS>
 void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb,
                const float* scales, const uint8_t* zeros, int G, int64_t n0, int64_t n1, int64_t N,
@@ -110,17 +140,7 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
     const uint8_t* row = qw + n * rb;
     if (n + kPrefetchRows < n1)
       for (int64_t i = 0; i < rb; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * rb + i), _MM_HINT_T0);
-    const float* sc = scales + n * G;
-    const uint8_t* zr = zeros + n * G;
-    __m512 tot[M];
-    float corr[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      tot[m] = _mm512_setzero_ps();
-      corr[m] = 0.f;
-    }
-    for (int g = 0; g < G; ++g) {
-      __m512 acc[M];
+    gemv_row<M>(n, scales, zeros, G, xsum, bias, N, y, [&](int g, __m512 (&acc)[M]) {
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
       for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
@@ -129,17 +149,7 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
 #pragma GCC unroll 8
         for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_load_ps(xv + 16 * m), acc[m]);
       }
-      const __m512 sv = _mm512_set1_ps(sc[g]);
-      const float sz = sc[g] * float(zr[g]);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
-        corr[m] += sz * xsum[m * G + g];
-      }
-    }
-    const float b = bias ? bias[n] : 0.f;
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(tot[m]) - corr[m] + b;
+    });
   }
 }
 
@@ -217,16 +227,7 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
     const uint8_t* row = qw + n * rb;
     // software prefetch spread over the row (one block of row n + kSpreadRows per block; see ex4_rows)
     const uint8_t* pf = row + (n + kSpreadRows < n1 ? kSpreadRows * rb : 0);
-    const float* sc = scales + n * G;
-    const uint8_t* zr = zeros + n * G;
-    __m512 tot[M];
-    float corr[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      tot[m] = _mm512_setzero_ps();
-      corr[m] = 0.f;
-    }
-    for (int g = 0; g < G; ++g) {
+    gemv_row<M>(n, scales, zeros, G, xsum, bias, N, y, [&](int g, __m512 (&acc)[M]) {
       __m512 al[M], ah[M];
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) al[m] = ah[m] = _mm512_setzero_ps();
@@ -268,17 +269,9 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
           ah[m] = _mm512_fmadd_ps(wh, _mm512_load_ps(xv + 32 * m + 16), ah[m]);
         }
       }
-      const __m512 sv = _mm512_set1_ps(sc[g]);
-      const float sz = sc[g] * float(zr[g]);
 #pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) {
-        tot[m] = _mm512_fmadd_ps(_mm512_add_ps(al[m], ah[m]), sv, tot[m]);
-        corr[m] += sz * xsum[m * G + g];
-      }
-    }
-    const float b = bias ? bias[n] : 0.f;
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(tot[m]) - corr[m] + b;
+      for (int m = 0; m < M; ++m) acc[m] = _mm512_add_ps(al[m], ah[m]);
+    });
   }
 }
 
@@ -616,6 +609,24 @@ inline void csum_tile(const Segments& sg, int64_t s0, int64_t s1, const uint32_t
   _mm512_store_si512(out + 48, c3);
 }
 
+// The per-(group, column) constants of one repacked weight tile (columns n0..n0+nn, zero past nn): the weight
+// zero-points, the zero-point cross term za·Σc − len·za·zw, and the combined scale act_scale·w_scale.
+inline void tile_group_params(const Segments& sg, const int64_t* off, int G, const uint32_t* wt, int64_t n0,
+                              int64_t nn, const uint8_t* zeros, const float* scales, const float* act_scale,
+                              const int32_t* act_zero, int32_t* zw, int32_t* kc, float* sc) {
+  for (int g = 0; g < G; ++g) {
+    alignas(64) int32_t cs[4 * 16];
+    csum_tile(sg, sg.first[g], sg.first[g + 1], wt, cs);
+    const int32_t za = act_zero[g], len = int32_t(off[g + 1] - off[g]);
+    for (int64_t j = 0; j < kNT; ++j) {
+      const int32_t z = j < nn ? zeros[(n0 + j) * G + g] : 0;
+      zw[g * kNT + j] = z;
+      kc[g * kNT + j] = za * cs[j] - len * za * z;
+      sc[g * kNT + j] = j < nn ? act_scale[g] * scales[(n0 + j) * G + g] : 0.f;
+    }
+  }
+}
+
 void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                  const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                  const int32_t* act_zero, int act_bits, const float* bias, float* y) {
@@ -669,17 +680,7 @@ void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scal
       const int64_t n0 = tile * kNT, nn = imin(kNT, N - n0);
       repack_tile(qw + n0 * rb, rb, nn, K16, bits, wt.p);
       // Σc of each (column, group) with the same dot kernel: an "activation" of ones inside the group
-      for (int g = 0; g < G; ++g) {
-        alignas(64) int32_t cs[4 * 16];
-        csum_tile(sg, sg.first[g], sg.first[g + 1], wt.p, cs);
-        const int32_t za = act_zero[g], len = int32_t(off[g + 1] - off[g]);
-        for (int64_t j = 0; j < kNT; ++j) {
-          const int32_t z = j < nn ? zeros[(n0 + j) * G + g] : 0;
-          zw[g * kNT + j] = z;
-          kc[g * kNT + j] = za * cs[j] - len * za * z;
-          sc[g * kNT + j] = j < nn ? act_scale[g] * scales[(n0 + j) * G + g] : 0.f;
-        }
-      }
+      tile_group_params(sg, off.p, G, wt.p, n0, nn, zeros, scales, act_scale, act_zero, zw.p, kc.p, sc.p);
       for (int64_t mb = 0; mb < nmb; ++mb) {
         const int rows = int(imin(kMB, M - mb * kMB));
         for (int i = 0; i < kMB * kNT; ++i) facc[i] = 0.f;
@@ -751,7 +752,6 @@ inline void softmax_row(float* sc, int64_t len, int p_bits) {
 }
 
 // Σ_s p_s · codes_s for one query, head dims in C registers (C = 4 or 8 chunks of 16)
-constexpr int64_t kPrefetchKv = 16;  // KV rows ahead
 
 template <int BITS, int C>
 inline void pv_fixed(const float* p, int64_t kv_len, const uint8_t* vb, int64_t rb, float* out) {
@@ -771,50 +771,35 @@ inline void pv_fixed(const float* p, int64_t kv_len, const uint8_t* vb, int64_t 
   for (int c = 0; c < C; ++c) _mm512_store_ps(out + 16 * c, a[c]);
 }
 
-template <int BITS>
-void attn_head(const float* const* qrows, int64_t nq, int64_t Tq, int64_t D, const uint8_t* kb, const uint8_t* vb,
-               int64_t rb, const float* ks, const int32_t* kz, const float* vs, const int32_t* vz, int64_t kv_len,
-               float scaling, int p_bits, float* const* orows, float* qs, float* qc, float* scores, float* acc,
-               float* psum) {
-  const int64_t C = (D + 15) / 16;  // 16-lane chunks of a row
-  for (int64_t j = 0; j < nq; ++j) {  // q' = q · k_scale · scaling (zero beyond D), qc = Σ q' z
-    float c = 0.f;
-    for (int64_t d = 0; d < C * 16; ++d) {
-      const float v = d < D ? qrows[j][d] * ks[d] * scaling : 0.f;
-      qs[j * C * 16 + d] = v;
-      if (d < D) c += v * float(kz[d]);
+// The ISA pieces of simd_decode_attention (generic.inc), 16 lanes wide.
+struct Attention {
+  static constexpr int64_t kLanes = 16;
+
+  template <int BITS>
+  static float qk(const uint8_t* row, const float* q, int64_t C) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {
+      a0 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c), _mm512_load_ps(q + 16 * c), a0);
+      a1 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c + 1), _mm512_load_ps(q + 16 * c + 16), a1);
     }
-    qc[j] = c;
+    if (c < C) a0 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c), _mm512_load_ps(q + 16 * c), a0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
   }
-  for (int64_t s = 0; s < kv_len; ++s) {
-    const uint8_t* row = kb + s * rb;
-    if (s + kPrefetchKv < kv_len) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
-    for (int64_t j = 0; j < nq; ++j) {
-      const float* qj = qs + j * C * 16;
-      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-      int64_t c = 0;
-      for (; c + 2 <= C; c += 2) {
-        a0 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c), _mm512_load_ps(qj + 16 * c), a0);
-        a1 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c + 1), _mm512_load_ps(qj + 16 * c + 16), a1);
-      }
-      if (c < C) a0 = _mm512_fmadd_ps(unpack16_ps<BITS>(row, c), _mm512_load_ps(qj + 16 * c), a0);
-      scores[j * kv_len + s] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) - qc[j];
+
+  static void softmax_row(float* sc, int64_t len, int p_bits) { avx512::softmax_row(sc, len, p_bits); }
+
+  // head_dim 128 or 64 (C = 8 or 4) keeps a query's whole output row in registers over the cache
+  template <int BITS>
+  static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, float* acc) {
+    if (C == 8) {
+      for (int64_t j = 0; j < nq; ++j) pv_fixed<BITS, 8>(p + j * kv_len, kv_len, vb, rb, acc + j * C * 16);
+      return;
     }
-  }
-  for (int64_t j = 0; j < nq; ++j) {
-    const int64_t t = j % Tq, visible = kv_len - Tq + t + 1;
-    float* sc = scores + j * kv_len;
-    softmax_row(sc, visible, p_bits);
-    float ps = 0.f;
-    for (int64_t s = 0; s < visible; ++s) ps += sc[s];
-    for (int64_t s = visible; s < kv_len; ++s) sc[s] = 0.f;
-    psum[j] = ps;
-  }
-  if (C == 8) {
-    for (int64_t j = 0; j < nq; ++j) pv_fixed<BITS, 8>(scores + j * kv_len, kv_len, vb, rb, acc + j * C * 16);
-  } else if (C == 4) {
-    for (int64_t j = 0; j < nq; ++j) pv_fixed<BITS, 4>(scores + j * kv_len, kv_len, vb, rb, acc + j * C * 16);
-  } else {
+    if (C == 4) {
+      for (int64_t j = 0; j < nq; ++j) pv_fixed<BITS, 4>(p + j * kv_len, kv_len, vb, rb, acc + j * C * 16);
+      return;
+    }
     for (int64_t i = 0; i < nq * C * 16; ++i) acc[i] = 0.f;
     for (int64_t s = 0; s < kv_len; ++s) {
       const uint8_t* row = vb + s * rb;
@@ -822,48 +807,12 @@ void attn_head(const float* const* qrows, int64_t nq, int64_t Tq, int64_t D, con
         const __m512 v = unpack16_ps<BITS>(row, c);
         for (int64_t j = 0; j < nq; ++j) {
           float* a = acc + (j * C + c) * 16;
-          _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[j * kv_len + s]), v, _mm512_load_ps(a)));
+          _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(p[j * kv_len + s]), v, _mm512_load_ps(a)));
         }
       }
     }
   }
-  for (int64_t j = 0; j < nq; ++j)
-    for (int64_t d = 0; d < D; ++d) orows[j][d] = vs[d] * (acc[j * C * 16 + d] - float(vz[d]) * psum[j]);
-}
-
-void v_decode_attention(const float* q, int64_t B, int64_t Hq, int64_t Tq, int64_t D, const uint8_t* kp,
-                        const uint8_t* vp, int64_t Hkv, int64_t S, const float* k_scale, const int32_t* k_zero,
-                        const float* v_scale, const int32_t* v_zero, int bits, int64_t kv_len, float scaling,
-                        int p_bits, float* out) {
-  const int64_t rb = row_bytes(D, bits), rep = Hq / Hkv, nq = rep * Tq, C = (D + 15) / 16;
-#pragma omp parallel if (B * Hkv * kv_len * D > kParallelMin)
-  {
-    Buf<const float*> qrows(nq);
-    Buf<float*> orows(nq);
-    Buf<float> qs(nq * C * 16), qc(nq), scores(nq * kv_len), acc(nq * C * 16), psum(nq);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t bh = 0; bh < B * Hkv; ++bh) {
-      const int64_t b = bh / Hkv, hk = bh % Hkv;
-      for (int64_t j = 0; j < nq; ++j) {  // query j = (head r of the kv group, position t)
-        const int64_t r = j / Tq, t = j % Tq, off = (((b * Hq) + hk * rep + r) * Tq + t) * D;
-        qrows[j] = q + off;
-        orows[j] = out + off;
-      }
-      const uint8_t* kb = kp + bh * S * rb;
-      const uint8_t* vb = vp + bh * S * rb;
-#define RPTQ_ATTN(BITS_)                                                                                      \
-  attn_head<BITS_>(qrows.p, nq, Tq, D, kb, vb, rb, k_scale + hk * D, k_zero + hk * D, v_scale + hk * D,       \
-                   v_zero + hk * D, kv_len, scaling, p_bits, orows.p, qs.p, qc.p, scores.p, acc.p, psum.p)
-      switch (bits) {
-        case 2: RPTQ_ATTN(2); break;
-        case 3: RPTQ_ATTN(3); break;
-        case 4: RPTQ_ATTN(4); break;
-        default: RPTQ_ATTN(8);
-      }
-#undef RPTQ_ATTN
-    }
-  }
-}
+};
 
 // ---- dequantize rows to float32 (the prefill GEMM path feeds these to torch's sgemm) -------------------
 template <int BITS>
@@ -911,7 +860,7 @@ void fill_avx512(KernelTable* t) {
   t->linear_aq = avx512::v_linear_aq;
   t->dequant_weight = avx512::v_dequant_weight;
   t->quantize_act = avx512::v_quantize_act;
-  t->decode_attention = avx512::v_decode_attention;
+  t->decode_attention = avx512::simd_decode_attention<avx512::Attention>;
   t->isa = "avx512vnni";
 }
 }  // namespace rptq_cpu
@@ -991,17 +940,7 @@ void v_linear_aq_amx(const float* x, int64_t M, const uint8_t* qw, const float* 
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t n0 = tile * kNT, nn = imin(kNT, N - n0);
       repack_tile(qw + n0 * rb, rb, nn, K16, bits, wt.p);
-      for (int g = 0; g < G; ++g) {
-        alignas(64) int32_t cs[4 * 16];
-        csum_tile(sg4, sg4.first[g], sg4.first[g + 1], wt.p, cs);
-        const int32_t za = act_zero[g], len = int32_t(off[g + 1] - off[g]);
-        for (int64_t j = 0; j < kNT; ++j) {
-          const int32_t z = j < nn ? zeros[(n0 + j) * G + g] : 0;
-          zw[g * kNT + j] = z;
-          kc[g * kNT + j] = za * cs[j] - len * za * z;
-          sc[g * kNT + j] = j < nn ? act_scale[g] * scales[(n0 + j) * G + g] : 0.f;
-        }
-      }
+      tile_group_params(sg4, off.p, G, wt.p, n0, nn, zeros, scales, act_scale, act_zero, zw.p, kc.p, sc.p);
       for (int64_t mb = 0; mb < nmb; ++mb) {
         for (int i = 0; i < kAmxMB * kNT; ++i) facc[i] = 0.f;
         const int32_t* as = asum.p + mb * kAmxMB * G;
