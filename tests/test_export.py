@@ -106,6 +106,11 @@ def test_cpu_scales_follow_the_stored_fp16_scales():
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-3)
     layer.scales.mul_(2)  # an in-place write must not leave the float32 copy stale
     torch.testing.assert_close(layer(x), 2 * expected - layer.bias, rtol=1e-4, atol=2e-3)
+    with torch.inference_mode():  # scales made under inference mode have no version counter
+        frozen_q = rtn_quantize(torch.randn(64, 256), q.group_sizes, 4)
+        frozen = QuantLinear.from_linear(torch.nn.Linear(256, 64), frozen_q, None)
+    assert frozen.scales.is_inference()
+    torch.testing.assert_close(frozen(x), x @ frozen.dequantized_weight().T + frozen.bias, rtol=1e-4, atol=2e-3)
     layer.to(torch.float32)  # a replaced buffer: float32 scales are read as they are
     assert layer.kernel_scales() is layer.scales and layer._cpu_scales is None
 

@@ -55,11 +55,14 @@ class QuantLinear(nn.Module):
     def kernel_scales(self) -> torch.Tensor:
         """The scales as this device's kernels read them. The CUDA kernels read the stored fp16; the CPU kernels
         read float32, and converting on every call cost 0.1 ms of a 0.6 ms 4096² GEMV, so the CPU keeps a
-        float32 copy (1/16 of the packed 4-bit g128 weight), rebuilt if the buffer is replaced or written."""
+        float32 copy (1/16 of the packed 4-bit g128 weight), rebuilt if the buffer is replaced or written
+        (``load_state_dict`` writes in place). Inference tensors keep no version counter: converted per call."""
         scales = self.scales
         if scales.device.type != "cpu" or scales.dtype == torch.float32:
             self._cpu_scales = None
             return scales
+        if scales.is_inference():
+            return scales.float()
         cached = self._cpu_scales
         if cached is None or cached[0] is not scales or cached[1] != scales._version:
             self._cpu_scales = cached = (scales, scales._version, scales.float())
