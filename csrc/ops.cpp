@@ -146,6 +146,20 @@ Tensor unpack_weight(const Tensor& packed, int64_t bits, int64_t N, int64_t K) {
 // Rows at or below this run the GEMV kernel (decode); above, the GEMM path (prefill).
 constexpr int64_t kGemvMaxRows = 8;
 
+// The prefill path's float32 weight slab (≤ kSlabBytes), kept between calls by each calling thread: a fresh
+// 32 MiB allocation took ~8 ms of page faults per call on the development machine, more than dequantizing
+// into it.
+constexpr int64_t kSlabBytes = int64_t(32) << 20;
+
+Tensor slab_scratch(int64_t numel) {
+  thread_local Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < numel) {
+    buffer = Tensor();  // free the old one first: the peak is one buffer, not two
+    buffer = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
+  }
+  return buffer.narrow(0, 0, numel);
+}
+
 // y [M, N] float32 = x2 [M, K] float32 @ W.T + b
 Tensor run_linear_a16(const Tensor& x2, const Weight& w, const Tensor& b, int64_t bits) {
   const int64_t M = x2.size(0);
@@ -156,11 +170,11 @@ Tensor run_linear_a16(const Tensor& x2, const Weight& w, const Tensor& b, int64_
                        b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
     return y;
   }
-  // Prefill: dequantize slabs of rows (bounded memory) and multiply with torch's sgemm; yT[N, M] keeps
-  // each slab's output contiguous.
-  Tensor yT = at::empty({w.N, M}, x2.options());
-  const int64_t slab = std::max<int64_t>(64, (int64_t(32) << 20) / std::max<int64_t>(1, w.K * 4));
-  Tensor wf = at::empty({std::min(slab, w.N), w.K}, x2.options());
+  // Prefill: dequantize slabs of rows (bounded memory) and multiply with torch's sgemm, each slab straight
+  // into its columns of y.
+  Tensor y = at::empty({M, w.N}, x2.options());
+  const int64_t slab = std::min(w.N, std::max<int64_t>(64, kSlabBytes / std::max<int64_t>(1, w.K * 4)));
+  Tensor wf = slab_scratch(slab * w.K).view({slab, w.K});
   const int64_t rb = row_bytes(w.K, bits);
   for (int64_t n0 = 0; n0 < w.N; n0 += slab) {
     const int64_t n = std::min(slab, w.N - n0);
@@ -168,10 +182,10 @@ Tensor run_linear_a16(const Tensor& x2, const Weight& w, const Tensor& b, int64_
     table().dequant_weight(w.qw.data_ptr<uint8_t>() + n0 * rb, w.scales.data_ptr<float>() + n0 * w.G,
                            w.zeros.data_ptr<uint8_t>() + n0 * w.G, w.gs.data_ptr<int32_t>(), int(w.G), n, w.K,
                            int(bits), wn.data_ptr<float>());
-    Tensor yn = yT.narrow(0, n0, n);
-    at::mm_out(yn, wn, x2.t());
+    Tensor yn = y.narrow(1, n0, n);
+    at::mm_out(yn, x2, wn.t());
   }
-  return b.defined() ? yT.t() + b : yT.t().contiguous();
+  return b.defined() ? y.add_(b) : y;
 }
 
 Tensor linear_a16(const Tensor& x, const Tensor& qweight, const Tensor& scales, const Tensor& zeros,

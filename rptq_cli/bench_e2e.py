@@ -1,9 +1,10 @@
-"""The end-to-end row of ``rptq bench``: decode speed and peak memory of a quantized model against the same
-model in bf16 with Hugging Face ``generate``.
+"""The end-to-end rows of ``rptq bench``: decode speed and peak memory of a quantized model against the same
+model with Hugging Face ``generate`` in bf16 (CPU) or fp16 (GPU).
 
 The model is a Llama-shaped network built from a config with random weights (no download), saved once as
 an fp16 directory and once as an rptq checkpoint (W4A4KV: 4-bit weights, 4-bit packed KV cache). Each side
-is then loaded and decoded in its own fresh process, so that its peak RSS is its own.
+is then loaded and decoded in its own fresh process, so that its peak memory is its own: resident memory
+on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def model_config(quick: bool):
                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
-def prepare(directory: Path, quick: bool) -> None:
-    """Write ``directory/fp16`` (a random model) and ``directory/rptq`` (its W4A4KV checkpoint)."""
+def prepare(directory: Path, model_cfg, reorder: bool = True) -> None:
+    """Write ``directory/fp16`` (a random model of ``model_cfg``) and ``directory/rptq`` (its W4A4KV checkpoint)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
@@ -37,45 +38,55 @@ def prepare(directory: Path, quick: bool) -> None:
     from .models import family_for
     from .quantize import quantize_model
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(quick), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(model_cfg, dtype=torch.float32).eval()
     vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                         eos_token="t0", pad_token="t0")
     model.to(torch.float16).save_pretrained(directory / "fp16")
     tokenizer.save_pretrained(directory / "fp16")
     model.float()
-    config = build_config("w4a4kv", weight_quantizer="rtn", act_clip="minmax", clusters={"R1": 8, "R4": 8, "R5": 8})
+    config = build_config("w4a4kv", weight_quantizer="rtn", act_clip="minmax", clusters={"R1": 8, "R4": 8, "R5": 8},
+                          reorder=reorder)
     calib = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     quantize_model(model, family_for(model.config), calib, config, progress=False)
     save_quantized(model, tokenizer, config, directory / "rptq", provenance={"source_model": "bench"})
 
 
-def decode(directory: Path, which: str, new_tokens: int, threads: int) -> dict:
-    """Load one side and time greedy decoding of ``new_tokens`` after a short prompt (in this process)."""
+def decode(directory: Path, which: str, new_tokens: int, threads: int, device: str = "cpu") -> dict:
+    """Load one side (``rptq`` or ``fp``) on ``device`` and time greedy decoding of ``new_tokens`` after a short
+    prompt (in this process)."""
     from transformers import AutoModelForCausalLM
 
     from . import kernels
     from .export import load_quantized
     from .nn.kv_cache import PackedKVCache
     torch.set_num_threads(threads)
-    if which == "bf16":
-        model = AutoModelForCausalLM.from_pretrained(directory / "fp16", dtype=torch.bfloat16).eval()
-        cache, backend = None, "torch_bf16"
+    gpu = torch.device(device).type == "cuda"
+    if which == "fp":
+        dtype = torch.float16 if gpu else torch.bfloat16
+        model = AutoModelForCausalLM.from_pretrained(directory / "fp16", dtype=dtype).eval()
+        cache, backend = None, "torch_fp16" if gpu else "torch_bf16"
     else:
-        model, _ = load_quantized(directory / "rptq", dtype=torch.float32)
-        cache, backend = PackedKVCache.from_model(model), kernels.backend()
+        model, _ = load_quantized(directory / "rptq", dtype=torch.float16 if gpu else torch.float32)
+        cache, backend = PackedKVCache.from_model(model), kernels.backend(device)
+    model.to(device)
     prompt = torch.randint(1, model.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.to(device)
     kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
         if cache is not None:
             cache = PackedKVCache.from_model(model, max_length=PROMPT_TOKENS + new_tokens)
+        if gpu:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         model.generate(prompt, past_key_values=cache, **kwargs)
+        if gpu:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    peak_mb = peak_rss_mb()
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mb()
     return {"tokens_per_s": new_tokens / seconds, "ms_per_token": 1000 * seconds / new_tokens,
-            "peak_rss_mb": peak_mb, "backend": backend}
+            "peak_mb": peak_mb, "backend": backend}
 
 
 def peak_rss_mb() -> float:
@@ -87,30 +98,46 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _in_subprocess(directory: Path, which: str, new_tokens: int, threads: int) -> dict:
+def _in_subprocess(directory: Path, which: str, new_tokens: int, threads: int, device: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "rptq_cli.bench_e2e", str(directory), which, str(new_tokens),
-                          str(threads)], capture_output=True, text=True, check=True)
+                          str(threads), device], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def decode_rows(quick: bool = False, threads: int | None = None) -> list[dict]:
+def _faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def decode_rows(quick: bool = False, threads: int | None = None, device: str = "cpu", model_cfg=None) -> list[dict]:
+    """The W4A4KV decode row on ``device``: our checkpoint against HF ``generate`` of the same fp model
+    (``model_cfg``, a LlamaConfig, defaults to :func:`model_config`)."""
     threads = threads or torch.get_num_threads()
     new_tokens = 24 if quick else 64
+    cfg = model_cfg or model_config(quick)
+    reorder = _faiss_available()  # without faiss (some GPU images) the row still runs, on unreordered groups
     with tempfile.TemporaryDirectory(prefix="rptq-bench-") as tmp:
         directory = Path(tmp)
-        prepare(directory, quick)
-        ours = _in_subprocess(directory, "rptq", new_tokens, threads)
-        base = _in_subprocess(directory, "bf16", new_tokens, threads)
-    cfg = model_config(quick)
+        prepare(directory, cfg, reorder)
+        ours = _in_subprocess(directory, "rptq", new_tokens, threads, device)
+        base = _in_subprocess(directory, "fp", new_tokens, threads, device)
     shape = f"llama {cfg.num_hidden_layers}L h{cfg.hidden_size} decode {new_tokens} tok"
-    return [{"op": "w4a4kv_e2e_decode", "shape": shape, "backend": ours["backend"],
-             "ms": round(ours["ms_per_token"], 3), "baseline": "hf_generate_bf16",
-             "baseline_ms": round(base["ms_per_token"], 3),
-             "speedup": round(base["ms_per_token"] / ours["ms_per_token"], 3),
-             "tokens_per_s": round(ours["tokens_per_s"], 2), "baseline_tokens_per_s": round(base["tokens_per_s"], 2),
-             "peak_rss_mb": round(ours["peak_rss_mb"], 1), "baseline_peak_rss_mb": round(base["peak_rss_mb"], 1)}]
+    shape += "" if reorder else " no-reorder"
+    memory = "peak_gpu_mb" if torch.device(device).type == "cuda" else "peak_rss_mb"
+    row = {"op": "w4a4kv_e2e_decode", "shape": shape, "backend": ours["backend"],
+           "ms": round(ours["ms_per_token"], 3), "baseline": f"hf_generate_{base['backend'].removeprefix('torch_')}",
+           "baseline_ms": round(base["ms_per_token"], 3),
+           "speedup": round(base["ms_per_token"] / ours["ms_per_token"], 3),
+           "tokens_per_s": round(ours["tokens_per_s"], 2), "baseline_tokens_per_s": round(base["tokens_per_s"], 2),
+           memory: round(ours["peak_mb"], 1), f"baseline_{memory}": round(base["peak_mb"], 1)}
+    if torch.device(device).type == "cuda":
+        row["device"] = torch.cuda.get_device_name()
+    return [row]
 
 
 if __name__ == "__main__":  # one side of the measurement, in a fresh process
-    path, side, count, nthreads = sys.argv[1:5]
-    print(json.dumps(decode(Path(path), side, int(count), int(nthreads))))
+    path, side, count, nthreads, dev = sys.argv[1:6]
+    print(json.dumps(decode(Path(path), side, int(count), int(nthreads), dev)))

@@ -309,6 +309,7 @@ def bench(quick, json_path, threads):
     if torch.cuda.is_available():
         from .bench_cuda import run_cuda_bench
         register_row_producer(lambda quick, threads: run_cuda_bench(quick))
+        register_row_producer(lambda quick, threads: decode_rows(quick, threads, device="cuda"))
     run_bench(quick=quick, threads=threads, json_path=json_path, extra_rows=decode_rows)
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device run of the CUDA kernels: build rptq_cli._C in place (CPU + CUDA sources, sm_90 only, to
 # keep the build short), run the CUDA op tests (tests/test_kernels_cuda.py) and the model/CLI tests on the
-# GPU (tests/test_model_cuda.py), then the CUDA bench. Logs and the bench JSON go to $OUT (default
-# /tmp/rptq_gpu_out). Usage: [BENCH_ARGS=--quick] scripts/gpu_check.sh
+# GPU (tests/test_model_cuda.py), then the CUDA bench and the GPU end-to-end decode row. Logs and the
+# bench JSON go to $OUT (default /tmp/rptq_gpu_out). Usage: [BENCH_ARGS=--quick] scripts/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/rptq_gpu_out}
@@ -56,4 +56,7 @@ t2=$(date +%s); echo "tests: $((t2 - t1)) s" | tee -a "$OUT/gpu.txt"
 
 # ---- bench ---------------------------------------------------------------------------------------
 timeout 200 python3 -m rptq_cli.bench_cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
+# the end-to-end row of `rptq bench` on the GPU: W4A4KV decode against HF generate in fp16
+timeout 150 python3 -c "import json; from rptq_cli.bench_e2e import decode_rows; \
+print(json.dumps(decode_rows(quick=True, device='cuda'), indent=1))" 2>&1 | tail -n 20 | tee -a "$OUT/bench.log"
 t3=$(date +%s); echo "bench: $((t3 - t2)) s" | tee -a "$OUT/gpu.txt"

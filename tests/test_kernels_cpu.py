@@ -111,6 +111,14 @@ def test_linear_a16_large_k(isa, m, n, k):
     close(K.linear_a16(x, qw, scales, zeros, gs, 4), K.ref_linear_a16(x, qw, scales, zeros, gs, 4))
 
 
+def test_linear_a16_prefill_in_several_slabs(isa):
+    # K = 65536: the 32 MiB float32 slab holds 128 rows, so 165 rows take two full slabs and a partial one
+    n, k = 165, 65536
+    qw, scales, zeros, gs = make_layer(n, k, 4, "fixed", seed=13)
+    x, bias = torch.randn(9, k, generator=gen(6)), torch.randn(n, generator=gen(7))
+    close(K.linear_a16(x, qw, scales, zeros, gs, 4, bias), K.ref_linear_a16(x, qw, scales, zeros, gs, 4, bias))
+
+
 # ---- W4A8 / W4A4 --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,act_bits", [(4, 8), (4, 4), (3, 4), (2, 8), (8, 8)])
 @pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])

@@ -13,7 +13,8 @@ HEADS, HEAD_DIM = 2, 64
 def spec(bits: int) -> AttentionQuant:
     sizes = torch.tensor([40, 60, 28], dtype=torch.int32)  # clusters straddle the head boundary
     lo, hi = -torch.rand(3) - 0.5, torch.rand(3) + 0.5
-    return AttentionQuant(k=ActQuant.from_range(lo, hi, sizes, bits), v=ActQuant.from_range(lo * 2, hi * 2, sizes, bits))
+    return AttentionQuant(k=ActQuant.from_range(lo, hi, sizes, bits),
+                          v=ActQuant.from_range(lo * 2, hi * 2, sizes, bits))
 
 
 def steps(total: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
