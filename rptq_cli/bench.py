@@ -106,10 +106,23 @@ def read_bandwidth(quick: bool) -> dict:
 # --------------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------------
-def _qlinear(n: int, k: int, bits: int, groups: int, seed: int = 0):
+def cluster_sizes(k: int, groups: int, uneven: bool, seed: int = 0) -> torch.Tensor:
+    """Group sizes summing to k: equal (g = k / groups), or uneven like the KMeans clusters of a real layer."""
+    if not uneven:
+        gs = torch.full((groups,), k // groups, dtype=torch.int32)
+        gs[: k % groups] += 1
+        return gs
+    # KMeans-like uneven clusters: random positive sizes summing to k
     g = torch.Generator().manual_seed(seed)
-    gs = torch.full((groups,), k // groups, dtype=torch.int32)
-    gs[: k % groups] += 1
+    w = torch.rand(groups, generator=g) + 0.2
+    gs = (w / w.sum() * (k - groups)).floor().to(torch.int32) + 1
+    gs[0] += k - int(gs.sum())
+    return gs
+
+
+def _qlinear(n: int, k: int, bits: int, groups: int, seed: int = 0, uneven: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    gs = cluster_sizes(k, groups, uneven, seed)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
     # stored as fp16, handed to the CPU kernels as float32 (QuantLinear.kernel_scales)
     scales = (torch.rand(n, groups, generator=g) * 0.01 + 0.001).half().float()
@@ -133,8 +146,8 @@ def _row(op, shape, ms, baseline, baseline_ms, **extra) -> dict:
 # --------------------------------------------------------------------------------------------------
 # op benches
 # --------------------------------------------------------------------------------------------------
-def bench_gemv(n, k, bits, reps, bw, groups=32, baselines=("torch_fp32", "torch_bf16")) -> list[dict]:
-    qlin = _copies(_qlinear(n, k, bits, groups))
+def bench_gemv(n, k, bits, reps, bw, groups=32, baselines=("torch_fp32", "torch_bf16"), uneven=False) -> list[dict]:
+    qlin = _copies(_qlinear(n, k, bits, groups, uneven=uneven))
     x = torch.randn(1, k)
     nbytes = _weight_bytes(*qlin[0][:3])
     gs = qlin[0][3]
@@ -147,7 +160,8 @@ def bench_gemv(n, k, bits, reps, bw, groups=32, baselines=("torch_fp32", "torch_
         ms, bms = _time_pair(ours, lambda i: F.linear(xb, ws[i % len(ws)][0]), reps)
         del ws
         gbps = nbytes / ms / 1e6
-        rows.append(_row(f"w{bits}a16_gemv", f"1x{k} @ {k}x{n}", ms, name, bms, gbps=gbps, bw_frac=gbps / bw))
+        shape = f"1x{k} @ {k}x{n}" + (f" {groups} clusters" if uneven else "")
+        rows.append(_row(f"w{bits}a16_gemv", shape, ms, name, bms, gbps=gbps, bw_frac=gbps / bw))
     return rows
 
 
@@ -287,6 +301,10 @@ def run_bench(quick: bool = False, threads: int | None = None, json_path: str | 
     add(bench_gemv(4096, 4096, 4, reps, bw))
     add(bench_gemv(11008, 4096, 4, reps, bw))
     add(bench_gemv(4096, 4096, 3, reps, bw, baselines=("torch_bf16",)))
+    # RPTQ's default weight groups are the input's KMeans clusters: uneven, 32 over the hidden size (R1, R4)
+    # and 4 per head (R3, o_proj's input)
+    add(bench_gemv(4096, 4096, 4, reps, bw, groups=32, baselines=("torch_bf16",), uneven=True))
+    add(bench_gemv(4096, 4096, 4, reps, bw, groups=128, baselines=("torch_bf16",), uneven=True))
     if not quick:
         add(bench_gemv(4096, 11008, 4, reps, bw))
     add(bench_gemm_aq(512, 4096, 4096, 8, max(3, reps // 3)))

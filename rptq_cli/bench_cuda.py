@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rptq_cli import kernels  # noqa: F401  (defines the rptq:: ops and loads the extension)
+from rptq_cli.bench import cluster_sizes
 from rptq_cli.quant import grid
 from rptq_cli.quant.pack import pack_rows
 
@@ -83,19 +84,6 @@ def _row(op, shape, ms, baseline, baseline_ms, **extra) -> dict:
     return row
 
 
-def _cluster_sizes(k: int, groups: int, uneven: bool, seed: int = 0) -> torch.Tensor:
-    if not uneven:
-        gs = torch.full((groups,), k // groups, dtype=torch.int32)
-        gs[: k % groups] += 1
-        return gs
-    # KMeans-like uneven clusters: random positive sizes summing to k
-    g = torch.Generator().manual_seed(seed)
-    w = torch.rand(groups, generator=g) + 0.2
-    gs = (w / w.sum() * (k - groups)).floor().to(torch.int32) + 1
-    gs[0] += k - int(gs.sum())
-    return gs
-
-
 def _qlinear(n, k, bits, gs, seed=0, device="cuda"):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
@@ -114,7 +102,7 @@ def bench_copy(reps: int) -> dict:
 
 
 def bench_gemv(n, k, bits, reps, groups=32, uneven=False, m=1) -> dict:
-    gs = _cluster_sizes(k, groups, uneven)
+    gs = cluster_sizes(k, groups, uneven)
     w = _qlinear(n, k, bits, gs)
     wbytes = w[0].numel() + w[1].numel() * 2 + w[2].numel()
     ours_in = [w] + [tuple(t.clone() for t in w) for _ in range(_n_copies(wbytes) - 1)]
@@ -128,7 +116,7 @@ def bench_gemv(n, k, bits, reps, groups=32, uneven=False, m=1) -> dict:
 
 
 def bench_gemm_aq(m, n, k, act_bits, reps, groups=32, uneven=False) -> dict:
-    gs = _cluster_sizes(k, groups, uneven)
+    gs = cluster_sizes(k, groups, uneven)
     w = _qlinear(n, k, 4, gs)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     flat_lo, flat_hi = grid.group_min_max(x.float().amin(0), x.float().amax(0), gs)
