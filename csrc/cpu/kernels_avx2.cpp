@@ -109,24 +109,14 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
   }
 }
 
-template <int M, int BITS>
-void gemv(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb, const float* scales,
-          const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-  parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
-    gemv_rows<M, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
-  });
-}
-
 template <int BITS>
-void gemv_m(int M, const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb,
-            const float* scales, const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-  switch (M) {
-    case 1: return gemv<1, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 2: return gemv<2, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 3: return gemv<3, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 4: return gemv<4, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    default: return gemv<8, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-  }
+void gemv(int64_t M, const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb,
+          const float* scales, const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
+  with_rows(M, [&](auto rows) {
+    parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
+      gemv_rows<decltype(rows)::value, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
+    });
+  });
 }
 
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
@@ -154,10 +144,10 @@ void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* sca
   Buf<float> yt(MT * N);
   const int64_t rb = row_bytes(K, bits);
   switch (bits) {
-    case 2: gemv_m<2>(MT, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, yt.p); break;
-    case 3: gemv_m<3>(MT, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, yt.p); break;
-    case 4: gemv_m<4>(MT, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, yt.p); break;
-    default: gemv_m<8>(MT, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, yt.p);
+    case 2: gemv<2>(MT, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, yt.p); break;
+    case 3: gemv<3>(MT, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, yt.p); break;
+    case 4: gemv<4>(MT, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, yt.p); break;
+    default: gemv<8>(MT, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, yt.p);
   }
   std::memcpy(y, yt.p, sizeof(float) * M * N);
 }

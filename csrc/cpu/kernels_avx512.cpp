@@ -102,11 +102,13 @@ void v_quantize_act(const float* x, int64_t rows, int64_t C, const float* scale,
 // y[m, n] = Σ_g scale[n,g] · (Σ_{k∈g} code[n,k] x[m,k] − zero[n,g] Σ_{k∈g} x[m,k]): the codes are
 // converted to float in registers and multiplied with the group-masked activations; the zero-point
 // enters once per group through the activation sums.
-// One output row n of a GEMV over M activation rows: y[m, n] = Σ_g scale_g · dot_g[m] − Σ_g scale_g · zero_g ·
-// xsum[m, g] + bias[n], where group_dot(g, acc) leaves Σ_{k∈g} code_k · x[m, k] in the lanes of acc[m].
+// One output row n of a GEMV over M activation rows:
+//   y[m, n] = Σ_g scale_g · (dot_g[m] − zero_g · xsum[m, g] − xoff[m, g]) + bias[n],
+// where group_dot(g, acc) leaves dot_g[m] = Σ_{k∈g} code_k · x[m, k] in the lanes of acc[m], plus xoff[m, g]
+// when its decode adds a known offset (the 1-3 row path's exact float decode; xoff null: no offset).
 template <int M, typename GroupDot>
 inline void gemv_row(int64_t n, const float* scales, const uint8_t* zeros, int G, const float* xsum,
-                     const float* bias, int64_t N, float* y, GroupDot&& group_dot) {
+                     const float* xoff, const float* bias, int64_t N, float* y, GroupDot&& group_dot) {
   const float* sc = scales + n * G;
   const uint8_t* zr = zeros + n * G;
   __m512 tot[M];
@@ -120,11 +122,11 @@ inline void gemv_row(int64_t n, const float* scales, const uint8_t* zeros, int G
     __m512 acc[M];
     group_dot(g, acc);
     const __m512 sv = _mm512_set1_ps(sc[g]);
-    const float sz = sc[g] * float(zr[g]);
+    const float z = float(zr[g]);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
-      corr[m] += sz * xsum[m * G + g];
+      corr[m] += sc[g] * (z * xsum[m * G + g] + (xoff ? xoff[m * G + g] : 0.f));
     }
   }
   const float b = bias ? bias[n] : 0.f;
@@ -140,7 +142,7 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
     const uint8_t* row = qw + n * rb;
     if (n + kPrefetchRows < n1)
       for (int64_t i = 0; i < rb; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * rb + i), _MM_HINT_T0);
-    gemv_row<M>(n, scales, zeros, G, xsum, bias, N, y, [&](int g, __m512 (&acc)[M]) {
+    gemv_row<M>(n, scales, zeros, G, xsum, nullptr, bias, N, y, [&](int g, __m512 (&acc)[M]) {
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
       for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
@@ -153,27 +155,14 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
   }
 }
 
-template <int M, int BITS>
-void gemv(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb, const float* scales,
-          const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-  parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
-    gemv_rows<M, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
-  });
-}
-
 template <int BITS>
-void gemv_m(int M, const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb,
-            const float* scales, const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-  switch (M) {
-    case 1: return gemv<1, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 2: return gemv<2, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 3: return gemv<3, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 4: return gemv<4, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 5: return gemv<5, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 6: return gemv<6, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    case 7: return gemv<7, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-    default: return gemv<8, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, N, bias, y);
-  }
+void gemv(int64_t M, const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb,
+          const float* scales, const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
+  with_rows(M, [&](auto rows) {
+    parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
+      gemv_rows<decltype(rows)::value, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
+    });
+  });
 }
 
 template <int BITS>
@@ -227,7 +216,7 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
     const uint8_t* row = qw + n * rb;
     // software prefetch spread over the row (one block of row n + kSpreadRows per block; see ex4_rows)
     const uint8_t* pf = row + (n + kSpreadRows < n1 ? kSpreadRows * rb : 0);
-    gemv_row<M>(n, scales, zeros, G, xsum, bias, N, y, [&](int g, __m512 (&acc)[M]) {
+    gemv_row<M>(n, scales, zeros, G, xsum, nullptr, bias, N, y, [&](int g, __m512 (&acc)[M]) {
       __m512 al[M], ah[M];
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) al[m] = ah[m] = _mm512_setzero_ps();
@@ -275,14 +264,6 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
   }
 }
 
-template <int M, int BITS>
-void gemvb(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb, const float* scales,
-           const uint8_t* zeros, int G, int64_t N, const float* bias, float* y) {
-  parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
-    gemvb_rows<M, BITS>(xs, sg, xsum, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
-  });
-}
-
 template <int BITS>
 void v_gemvb(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
              const int32_t* gs, int G, int64_t N, int64_t K, const float* bias, float* y) {
@@ -307,16 +288,11 @@ void v_gemvb(const float* x, int64_t M, const uint8_t* qw, const float* scales, 
     }
   }
   const int64_t rb = row_bytes(K, BITS);
-  switch (M) {
-    case 1: return gemvb<1, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 2: return gemvb<2, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 3: return gemvb<3, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 4: return gemvb<4, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 5: return gemvb<5, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 6: return gemvb<6, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 7: return gemvb<7, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    default: return gemvb<8, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-  }
+  with_rows(M, [&](auto rows) {
+    parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
+      gemvb_rows<decltype(rows)::value, BITS>(xs.p, sg, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y);
+    });
+  });
 }
 
 // ---- W4A16 GEMV, 1-3 rows, 128 codes a step, no int→float conversion ----------------------------------
@@ -342,16 +318,7 @@ void ex4_rows(const float* xp, const int64_t* segq, const int64_t* first, const 
     // software prefetch spread over the row: one line of row n + kSpreadRows per chunk (a burst of a whole
     // row's lines at once fills the line-fill buffers and stalls the arithmetic; measured ~15 % slower)
     const uint8_t* pf = row + (n + kSpreadRows < n1 ? kSpreadRows * rb : 0);
-    const float* sc = scales + n * G;
-    const uint8_t* zr = zeros + n * G;
-    __m512 tot[M];
-    float corr[M];
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) {
-      tot[m] = _mm512_setzero_ps();
-      corr[m] = 0.f;
-    }
-    for (int g = 0; g < G; ++g) {
+    gemv_row<M>(n, scales, zeros, G, xsum, xoff, bias, N, y, [&](int g, __m512 (&acc)[M]) {
       __m512 a[M][4];
 #pragma GCC unroll 4
       for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = a[m][2] = a[m][3] = _mm512_setzero_ps();
@@ -373,18 +340,11 @@ void ex4_rows(const float* xp, const int64_t* segq, const int64_t* first, const 
           }
         }
       }
-      const __m512 sv = _mm512_set1_ps(16.f * sc[g]);
-      const float z = float(zr[g]);
+      const __m512 sixteen = _mm512_set1_ps(16.f);  // D = Σ x' + Σ c·x / 16, so 16·D = Σ c·x + 16·Σ x' (exact)
 #pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) {
-        const __m512 d = _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3]));
-        tot[m] = _mm512_fmadd_ps(d, sv, tot[m]);
-        corr[m] += sc[g] * (16.f * xoff[m * G + g] + z * xsum[m * G + g]);
-      }
-    }
-    const float b = bias ? bias[n] : 0.f;
-#pragma GCC unroll 4
-    for (int m = 0; m < M; ++m) y[m * N + n] = hsum(tot[m]) - corr[m] + b;
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3])), sixteen);
+    });
   }
 }
 
@@ -428,7 +388,7 @@ bool v_gemv4_ex(const float* x, int64_t M, const uint8_t* qw, const float* scale
       }
     }
     for (int64_t m = 0; m < M; ++m) {
-      xoff[m * G + g] = float(so[m]);
+      xoff[m * G + g] = 16.f * float(so[m]);  // the offset 16·Σ x' that 16·D carries (see ex4_rows)
       xsum[m * G + g] = float(sx[m]);
     }
     s0 = e;
@@ -479,10 +439,10 @@ void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* sca
   }
   const int64_t rb = row_bytes(K, bits);
   switch (bits) {
-    case 2: return gemv_m<2>(int(M), xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 3: return gemv_m<3>(int(M), xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 4: return gemv_m<4>(int(M), xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    default: return gemv_m<8>(int(M), xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 2: return gemv<2>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 3: return gemv<3>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    case 4: return gemv<4>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+    default: return gemv<8>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
   }
 }
 
