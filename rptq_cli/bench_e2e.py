@@ -65,18 +65,17 @@ def decode(directory: Path, which: str, new_tokens: int, threads: int, device: s
     if which == "fp":
         dtype = torch.float16 if gpu else torch.bfloat16
         model = AutoModelForCausalLM.from_pretrained(directory / "fp16", dtype=dtype).eval()
-        cache, backend = None, "torch_fp16" if gpu else "torch_bf16"
+        backend = "torch_fp16" if gpu else "torch_bf16"
     else:
         model, _ = load_quantized(directory / "rptq", dtype=torch.float16 if gpu else torch.float32)
-        cache, backend = PackedKVCache.from_model(model), kernels.backend(device)
+        backend = kernels.backend(device)
     model.to(device)
     prompt = torch.randint(1, model.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
     kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-        if cache is not None:
-            cache = PackedKVCache.from_model(model, max_length=PROMPT_TOKENS + new_tokens)
+        cache = PackedKVCache.from_model(model, max_length=PROMPT_TOKENS + new_tokens) if which == "rptq" else None
         if gpu:
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -98,6 +98,29 @@ void v_quantize_act(const float* x, int64_t rows, int64_t C, const float* scale,
       quantize_span(x + r * C + off[g], off[g + 1] - off[g], 1.0f / scale[g], zero[g], qmax, codes + r * C + off[g]);
 }
 
+// Stage the activations of every segment, group-masked and segment-major (xs[s][m][width], width 16 or 32, the
+// upper 16 lanes of a 32-wide chunk times hi_scale), and their per-group sums xsum[m][G] (unscaled).
+inline void stage_segments(const float* x, int64_t M, int64_t K, const Segments& sg, int G, int width,
+                           float hi_scale, float* xs, float* xsum) {
+  const __m512 hs = _mm512_set1_ps(hi_scale);
+  for (int g = 0; g < G; ++g) {
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
+        const int64_t c = sg.chunk[s];
+        const int64_t valid = imin(width, K - c * width);  // lanes that exist in x
+        const uint64_t mk = sg.mask[s] & ((uint64_t(1) << valid) - 1u);
+        for (int h = 0; h < width / 16; ++h) {
+          const __m512 v = _mm512_maskz_loadu_ps(__mmask16(mk >> (16 * h)), x + m * K + c * width + 16 * h);
+          _mm512_store_ps(xs + (s * M + m) * width + 16 * h, h ? _mm512_mul_ps(v, hs) : v);
+          acc = _mm512_add_ps(acc, v);
+        }
+      }
+      xsum[m * G + g] = hsum(acc);
+    }
+  }
+}
+
 // ---- W{2,3,4,8}A16 GEMV (M ≤ 8 rows) ---------------------------------------------------------------
 // y[m, n] = Σ_g scale[n,g] · (Σ_{k∈g} code[n,k] x[m,k] − zero[n,g] Σ_{k∈g} x[m,k]): the codes are
 // converted to float in registers and multiplied with the group-masked activations; the zero-point
@@ -271,22 +294,7 @@ void v_gemvb(const float* x, int64_t M, const uint8_t* qw, const float* scales, 
   sg.build(gs, G, 32);
   Buf<float> xs(sg.n * 32 * M);  // [seg][m][32]: lanes 0..15 = x, 16..31 = x (/ 16 for 4-bit); 0 outside the group
   Buf<float> xsum(M * G);
-  for (int g = 0; g < G; ++g) {
-    for (int64_t m = 0; m < M; ++m) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
-        const int64_t c = sg.chunk[s];
-        const int64_t valid = imin(32, K - c * 32);
-        const uint32_t mk = uint32_t(sg.mask[s] & ((uint64_t(1) << valid) - 1u));
-        const __m512 lo = _mm512_maskz_loadu_ps(__mmask16(mk & 0xFFFF), x + m * K + c * 32);
-        const __m512 hi = _mm512_maskz_loadu_ps(__mmask16(mk >> 16), x + m * K + c * 32 + 16);
-        _mm512_store_ps(xs.p + (s * M + m) * 32, lo);
-        _mm512_store_ps(xs.p + (s * M + m) * 32 + 16, _mm512_mul_ps(hi, _mm512_set1_ps(BITS == 4 ? 1.0f / 16 : 1.0f)));
-        acc = _mm512_add_ps(acc, _mm512_add_ps(lo, hi));
-      }
-      xsum[m * G + g] = hsum(acc);
-    }
-  }
+  stage_segments(x, M, K, sg, G, 32, BITS == 4 ? 1.0f / 16 : 1.0f, xs.p, xsum.p);
   const int64_t rb = row_bytes(K, BITS);
   with_rows(M, [&](auto rows) {
     parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
@@ -423,20 +431,7 @@ void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* sca
   // masked activations, segment-major: xs[s][m][16]
   Buf<float> xs(sg.n * 16 * M);
   Buf<float> xsum(M * G);
-  for (int g = 0; g < G; ++g) {
-    for (int64_t m = 0; m < M; ++m) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
-        const int64_t c = sg.chunk[s];
-        const int64_t valid = imin(16, K - c * 16);  // lanes that exist in x
-        const __mmask16 mk = __mmask16(sg.mask[s] & ((1u << valid) - 1u));
-        const __m512 v = _mm512_maskz_loadu_ps(mk, x + m * K + c * 16);
-        _mm512_store_ps(xs.p + (s * M + m) * 16, v);
-        acc = _mm512_add_ps(acc, v);
-      }
-      xsum[m * G + g] = hsum(acc);
-    }
-  }
+  stage_segments(x, M, K, sg, G, 16, 1.0f, xs.p, xsum.p);
   const int64_t rb = row_bytes(K, bits);
   switch (bits) {
     case 2: return gemv<2>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
