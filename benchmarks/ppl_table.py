@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--shared", type=Path, default=SHARED)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--mode", default=None, help="Activation mode for every preset (default: the preset's).")
+    ap.add_argument("--rptq-only", action="store_true", help="Skip the per-tensor (--no-reorder) baseline.")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     rows = []
@@ -53,12 +55,13 @@ def main() -> None:
         rows.append({"model": name, "config": "FP", "per_tensor": fp, "rptq": fp})
         print(f"{name} FP: {fp:.2f}", flush=True)
         for preset in args.presets:
-            row = {"model": name, "config": build_config(preset).label}
-            for reorder, key in ((False, "per_tensor"), (True, "rptq")):
+            row = {"model": name, "config": build_config(preset, mode=args.mode).label,
+                   "per_tensor": float("nan")}
+            for reorder, key in ((False, "per_tensor"), (True, "rptq"))[args.rptq_only:]:
                 start = time.perf_counter()
                 quant = copy.deepcopy(model)
-                quantize_model(quant, family, calib, build_config(preset, reorder=reorder), stats=stats,
-                               seed=2, progress=False)
+                quantize_model(quant, family, calib, build_config(preset, reorder=reorder, mode=args.mode),
+                               stats=stats, seed=2, progress=False)
                 row[key] = perplexity(quant, text, seqlen=seqlen, batch_size=4, progress=False)["ppl"]
                 row[f"{key}_seconds"] = round(time.perf_counter() - start, 1)
             rows.append(row)

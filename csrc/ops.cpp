@@ -266,6 +266,24 @@ Tensor fake_quant_act(const Tensor& x, const Tensor& act_scale, const Tensor& ac
       .reshape(x.sizes());
 }
 
+Tensor fake_quant_act_token(const Tensor& x, const Tensor& gs, const Tensor& clip, int64_t bits) {
+  const char* op = "fake_quant_act_token";
+  check_cpu(x, op, "x");
+  TORCH_CHECK(is_float(x) && x.dim() >= 1, "rptq::", op, ": x must be a float tensor, got ", x.scalar_type());
+  TORCH_CHECK(bits >= 1 && bits <= 8, "rptq::", op, ": activation bits must be in 1..8, got ", bits);
+  const int64_t C = x.size(-1);
+  Tensor g = check_groups(gs, gs.numel(), C, op);
+  check_cpu(clip, op, "clip");
+  TORCH_CHECK(clip.dim() == 1 && clip.numel() == g.numel() && clip.is_floating_point(), "rptq::", op,
+              ": clip must be float [", g.numel(), "], one ratio per group");
+  Tensor r = f32(clip);
+  Tensor x2 = f32(x).reshape({-1, C});
+  Tensor out = at::empty_like(x2);
+  table().quantize_act_token(x2.data_ptr<float>(), x2.size(0), C, g.data_ptr<int32_t>(), r.data_ptr<float>(),
+                             int(g.numel()), int(bits), out.data_ptr<float>());
+  return out.to(x.scalar_type()).reshape(x.sizes());
+}
+
 Tensor reorder_norm(const Tensor& x, const Tensor& perm, const Tensor& weight, const std::optional<Tensor>& bias,
                     double eps, bool rms, const std::optional<Tensor>& act_scale,
                     const std::optional<Tensor>& act_zero, const std::optional<Tensor>& act_group_sizes,
@@ -409,6 +427,7 @@ TORCH_LIBRARY_IMPL(rptq, CPU, m) {
   m.impl("linear_aq", &linear_aq);
   m.impl("quantize_act", &quantize_act);
   m.impl("fake_quant_act", &fake_quant_act);
+  m.impl("fake_quant_act_token", &fake_quant_act_token);
   m.impl("reorder_norm", &reorder_norm);
   m.impl("kv_pack", &kv_pack);
   m.impl("kv_unpack", &kv_unpack);

@@ -1,6 +1,7 @@
 """The ``rptq`` command line: parse, validate, call the pipeline, print. Nothing else lives here."""
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import MODES
 from .errors import RptqError
 
 CALIB_DEFAULTS = {"nsamples": 128, "seed": 2}
@@ -58,8 +60,8 @@ def quant_options(fn):
         click.option("--wbits", type=int, default=None, help="Weight bits: 2, 3, 4, 8 or 16."),
         click.option("--abits", type=int, default=None, help="Activation bits: 3, 4, 8 or 16."),
         click.option("--kv-only", is_flag=True, default=None, help="Quantize only K and V at --abits."),
-        click.option("--mode", type=click.Choice(["paper", "strict"]), default=None,
-                     help="paper: norm outputs and softmax at max(8, abits) like the official code; strict: all at abits."),
+        click.option("--mode", type=click.Choice(list(MODES)), default=None,
+                     help="; ".join(f"{name}: {text}" for name, text in MODES.items()) + "."),
         click.option("--weight-quantizer", type=click.Choice(["gptq", "rtn"]), default=None),
         click.option("--weight-groups", default=None, help="cluster (default), channel or a group size like 128."),
         click.option("--clusters", default=None, help="Clusters per point, e.g. R1=32,R2=4,R3=4,R4=32,R5=32."),
@@ -153,11 +155,13 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 @click.option("--data-path", "data_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Local text for the task instead of the hub (one per --task, in order).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Write per-quantizer error diagnostics (relative MSE, clipped tokens, extremes, KL vs FP) as JSON.")
 @quant_options
 @calib_options
 @model_options
 @_run
-def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only, mode, weight_quantizer,
+def eval_cmd(model, tasks, data_paths, json_path, report_path, preset, wbits, abits, kv_only, mode, weight_quantizer,
              weight_groups, clusters, no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen,
              seed, batch_size, device, dtype):
     """GPTQ-protocol perplexity of an FP model or a simulated RPTQ quantization."""
@@ -178,6 +182,7 @@ def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only,
              for task, path in zip(tasks, data_paths or [None] * len(tasks))}
     quantization = {"label": net.rptq_config.label, "checkpoint": model, **net.rptq_config.to_dict()} \
         if family is None else None
+    fp_net = copy.deepcopy(net) if report_path and config is not None else None
     if config is not None:
         quantization = _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path,
                                            nsamples, seqlen, seed, batch_size, device)
@@ -190,9 +195,28 @@ def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only,
     for task, r in results.items():
         click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
     if json_path:
-        from .calibrate import atomic_write
         payload = {"model": model, "quantization": quantization, "results": results}
-        atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
+        _write_json(json_path, payload)
+    if report_path:
+        _write_report(report_path, net, fp_net, next(iter(texts.values())), eval_seqlen, label)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    from .calibrate import atomic_write
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def _write_report(path: str, net, fp_net, tokens, seqlen: int, label: str) -> None:
+    """Per-quantizer error of ``net`` on the first windows of ``tokens``, and its KL from ``fp_net`` if given."""
+    from .diagnose import REPORT_WINDOWS, activation_report
+    if fp_net is not None:
+        fp_net.to(next(net.parameters()).device)
+    report = activation_report(net, tokens, seqlen=seqlen, max_windows=REPORT_WINDOWS, fp_model=fp_net)
+    _write_json(path, {"label": label, **report})
+    worst = sorted(report["points"].items(), key=lambda kv: -kv[1]["rel_mse"])[:3]
+    kl = f"KL vs FP {report['kl_vs_fp']:.4f}; " if "kl_vs_fp" in report else ""
+    click.echo(f"wrote {path}: {kl}largest relative MSE at "
+               + ", ".join(f"{name} ({e['rel_mse']:.2e})" for name, e in worst))
 
 
 def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path, nsamples, seqlen,

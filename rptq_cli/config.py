@@ -29,6 +29,13 @@ DEFAULT_CLUSTERS = {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
 WBITS = (2, 3, 4, 8, 16)
 ABITS = (3, 4, 8, 16)
 FP = 16  # "bits" of a tensor that stays in floating point
+MODES = {
+    "paper": "the official RPTQ: static per-cluster ranges; norm outputs and softmax at max(8, abits)",
+    "strict": "static per-cluster ranges, every point at abits",
+    "token": "paper's bits; linear inputs and queries get per-token scales per cluster at run time, "
+             "the KV cache keeps static per-cluster ranges",
+}
+TOKEN_POINTS = ("x1", "q", "o_in", "x2", "down_in")  # per-token scales in mode "token": not stored in the cache
 
 
 @dataclass
@@ -36,7 +43,7 @@ class QuantConfig:
     wbits: int = 16
     abits: int = 16
     kv_only: bool = False               # only K and V at abits (W4A4KV and friends)
-    mode: str = "paper"                 # paper: norm outputs and softmax at max(8, abits); strict: all at abits
+    mode: str = "paper"                 # see MODES
     weight_quantizer: str = "gptq"      # gptq | rtn
     weight_groups: str | int = "cluster"  # cluster | channel | group size
     clusters: dict = field(default_factory=lambda: dict(DEFAULT_CLUSTERS))
@@ -53,8 +60,8 @@ class QuantConfig:
             raise RptqError(f"--wbits {self.wbits} is not supported; choose one of {', '.join(map(str, WBITS))}")
         if self.abits not in ABITS:
             raise RptqError(f"--abits {self.abits} is not supported; choose one of {', '.join(map(str, ABITS))}")
-        if self.mode not in ("paper", "strict"):
-            raise RptqError(f"--mode {self.mode!r} is unknown; choose paper or strict")
+        if self.mode not in MODES:
+            raise RptqError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.weight_quantizer not in ("gptq", "rtn"):
             raise RptqError(f"--weight-quantizer {self.weight_quantizer!r} is unknown; choose gptq or rtn")
         if self.act_clip not in ("minmax", "mse"):
@@ -79,9 +86,13 @@ class QuantConfig:
             return FP
         if self.kv_only:
             return a if point in ("k", "v") else FP
-        if self.mode == "paper" and point in ("x1", "x2", "p"):
+        if self.mode != "strict" and point in ("x1", "x2", "p"):
             return max(8, a)
         return a
+
+    def per_token(self, point: str) -> bool:
+        """True when ``point`` is quantized with per-token scales computed at run time."""
+        return self.mode == "token" and point in TOKEN_POINTS and self.act_bits(point) < FP
 
     @property
     def quantizes_weights(self) -> bool:
@@ -94,8 +105,8 @@ class QuantConfig:
     @property
     def label(self) -> str:
         kv = "KV" if self.kv_only else ""
-        strict = "-strict" if self.mode == "strict" and self.abits < FP and not self.kv_only else ""
-        return f"W{self.wbits}A{self.abits}{kv}{strict}"
+        mode = f"-{self.mode}" if self.mode != "paper" and self.abits < FP and not self.kv_only else ""
+        return f"W{self.wbits}A{self.abits}{kv}{mode}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -63,6 +63,9 @@ FILE_TAG = "rptq_format_version"  # safetensors metadata key that marks our weig
 
 
 def _act_tensors(prefix: str, act: ActQuant) -> dict[str, torch.Tensor]:
+    """A per-token quantizer stores only its groups: its scales are computed at run time."""
+    if act.dynamic:
+        return {f"{prefix}.clip": act.clip.float(), f"{prefix}.group_sizes": act.group_sizes.to(torch.int32)}
     return {f"{prefix}.scale": act.scale.float(), f"{prefix}.zero": act.zero.to(torch.uint8),
             f"{prefix}.group_sizes": act.group_sizes.to(torch.int32)}
 
@@ -263,21 +266,28 @@ class _Tensors:
     def has(self, name: str) -> bool:
         return name in self.tensors
 
-    def act(self, prefix: str, channels: int, bits: int) -> ActQuant | None:
+    def act(self, prefix: str, channels: int, config: QuantConfig, point: str) -> ActQuant | None:
+        bits = config.act_bits(point)
         if bits >= 16:
             return None
         sizes = self.take(f"{prefix}.group_sizes", torch.int32)
         g = sizes.numel()
         if int(sizes.sum()) != channels or bool((sizes <= 0).any()):
             raise RptqError(f"checkpoint tensor {prefix}.group_sizes does not cover {channels} channels")
+        if config.per_token(point):
+            clip = self.take(f"{prefix}.clip", torch.float32, (g,))
+            if not bool(((clip > 0) & (clip <= 1)).all()):
+                raise RptqError(f"checkpoint tensor {prefix}.clip holds ratios outside (0, 1]; the checkpoint is "
+                                "corrupted")
+            return ActQuant.per_token(sizes, bits, clip)
         return ActQuant(self.take(f"{prefix}.scale", torch.float32, (g,)),
                         self.take(f"{prefix}.zero", torch.uint8, (g,)).to(torch.int32), sizes, bits)
 
 
-def _load_linear(t: _Tensors, path: str, linear: nn.Module, wbits: int, act_bits: int, dtype) -> QuantLinear:
-    n, k = linear.out_features, linear.in_features
+def _load_linear(t: _Tensors, path: str, linear: nn.Module, config: QuantConfig, point: str, dtype) -> QuantLinear:
+    n, k, wbits = linear.out_features, linear.in_features, config.wbits
     bias = t.take(f"{path}.bias", torch.float16, (n,)).to(dtype) if t.has(f"{path}.bias") else None
-    act = t.act(f"{path}.act", k, act_bits)
+    act = t.act(f"{path}.act", k, config, point)
     if wbits >= 16:
         return QuantLinear(k, n, bits=16, bias=bias, act=act, weight=t.take(f"{path}.weight", torch.float16, (n, k)).to(dtype))
     sizes = t.take(f"{path}.group_sizes", torch.int32)
@@ -327,8 +337,8 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     for i, layer in enumerate(family.decoder_layers(model)):
         prefix = f"{family.layers}.{i}."
         for path, point in family.linear_inputs():
-            replace(layer, path, _load_linear(tensors, prefix + path, layer.get_submodule(path), config.wbits,
-                                              config.act_bits(point), dtype))
+            replace(layer, path, _load_linear(tensors, prefix + path, layer.get_submodule(path), config, point,
+                                              dtype))
         for path in (family.attn_norm, family.mlp_norm):
             norm = layer.get_submodule(path)
             replace(layer, path, _load_norm(tensors, prefix + path, norm, rms, norm_eps(norm), dtype))
@@ -337,8 +347,8 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
                    if family.rope else None)
         q_ch, kv_ch = heads.n_heads * heads.head_dim, heads.n_kv * heads.head_dim
         layer.get_submodule(family.attn).rptq = AttentionQuant(
-            qk_perm=qk_perm, q=tensors.act(f"{a}.q", q_ch, config.act_bits("q")),
-            k=tensors.act(f"{a}.k", kv_ch, config.act_bits("k")), v=tensors.act(f"{a}.v", kv_ch, config.act_bits("v")),
+            qk_perm=qk_perm, q=tensors.act(f"{a}.q", q_ch, config, "q"),
+            k=tensors.act(f"{a}.k", kv_ch, config, "k"), v=tensors.act(f"{a}.v", kv_ch, config, "v"),
             p_bits=config.act_bits("p"))
     _load_remaining(model, tensors, dtype, directory)
     use_rptq_attention(model)

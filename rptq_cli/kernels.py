@@ -30,6 +30,7 @@ from rptq_cli.quant.pack import SUPPORTED_BITS, pack_rows, packed_row_bytes, unp
 __all__ = [
     "backend", "compiled_available", "use_reference",
     "pack_weight", "unpack_weight", "linear_a16", "linear_aq", "quantize_act", "fake_quant_act",
+    "fake_quant_act_token",
     "reorder_norm", "kv_pack", "kv_unpack", "kv_append", "decode_attention", "kv_row_bytes",
 ]
 
@@ -47,6 +48,7 @@ _SCHEMAS = {
                     "int bits) -> Tensor",
     "fake_quant_act": "fake_quant_act(Tensor x, Tensor act_scale, Tensor act_zero, Tensor act_group_sizes, "
                       "int bits) -> Tensor",
+    "fake_quant_act_token": "fake_quant_act_token(Tensor x, Tensor act_group_sizes, Tensor clip, int bits) -> Tensor",
     "reorder_norm": "reorder_norm(Tensor x, Tensor perm, Tensor weight, Tensor? bias, float eps, bool rms, "
                     "Tensor? act_scale=None, Tensor? act_zero=None, Tensor? act_group_sizes=None, "
                     "int act_bits=16) -> Tensor",
@@ -98,6 +100,14 @@ def ref_quantize_act(x, act_scale, act_zero, act_group_sizes, bits):
 def ref_fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits):
     scale = grid.expand_groups(act_scale.float(), act_group_sizes)
     zero = grid.expand_groups(act_zero, act_group_sizes)
+    return grid.fake_quantize(x.float(), scale, zero, bits).to(x.dtype)
+
+
+def ref_fake_quant_act_token(x, act_group_sizes, clip, bits):
+    """Quantize-dequantize each token (row of the last dim) on its own per-group grids (dynamic scales)."""
+    scale, zero = grid.token_group_params(x, act_group_sizes, clip, bits)
+    scale = grid.expand_groups(scale, act_group_sizes)
+    zero = grid.expand_groups(zero, act_group_sizes)
     return grid.fake_quantize(x.float(), scale, zero, bits).to(x.dtype)
 
 
@@ -195,6 +205,7 @@ _FAKE = {
     "linear_aq": _fake_linear,
     "quantize_act": lambda x, *a: x.new_empty(x.shape, dtype=torch.uint8),
     "fake_quant_act": lambda x, *a: x.new_empty(x.shape),
+    "fake_quant_act_token": lambda x, *a: x.new_empty(x.shape),
     "reorder_norm": lambda x, *a, **k: x.new_empty(x.shape),
     "kv_pack": lambda x, scale, zero, bits: x.new_empty((*x.shape[:-1], kv_row_bytes(x.shape[-1], bits)),
                                                         dtype=torch.uint8),
@@ -384,6 +395,19 @@ def fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits):
         return torch.ops.rptq.fake_quant_act.default(x, act_scale, act_zero, act_group_sizes, bits)
     _check_act("fake_quant_act", x, act_scale, act_zero, act_group_sizes, bits)
     return ref_fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits)
+
+
+def fake_quant_act_token(x, act_group_sizes, clip, bits):
+    """Quantize-dequantize each token on its own per-group grids: scale and zero from the token's min/max in
+    the group times the group's ``clip`` ratio (float32 [G])."""
+    if _compiled(x) and x.device.type == "cpu":  # CUDA: the reference (no CUDA kernel yet)
+        return torch.ops.rptq.fake_quant_act_token.default(x, act_group_sizes, clip, bits)
+    _check(1 <= bits <= 8, f"fake_quant_act_token: activation bits must be in 1..8, got {bits}")
+    _check(x.dtype in _FLOATS, f"fake_quant_act_token: x must be a float tensor, got {x.dtype}")
+    _check_groups(act_group_sizes, x.shape[-1], "fake_quant_act_token")
+    _check(clip.dim() == 1 and clip.numel() == act_group_sizes.numel() and clip.dtype.is_floating_point,
+           f"fake_quant_act_token: clip must be float [{act_group_sizes.numel()}], one ratio per group")
+    return ref_fake_quant_act_token(x, act_group_sizes, clip, bits)
 
 
 def reorder_norm(x, perm, weight, bias, eps, rms, act_scale=None, act_zero=None, act_group_sizes=None,

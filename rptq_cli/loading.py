@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import RptqError
+from .gguf_source import resolve_gguf
 from .models import Family, family_for
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -52,7 +53,9 @@ def load_config(name: str):
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object, Family]:
-    """The FP model on the CPU in ``dtype``, its tokenizer and its family adapter."""
+    """The FP model on the CPU in ``dtype``, its tokenizer and its family adapter (a ``.gguf`` file is read
+    through its dequantized fp16 copy in the cache)."""
+    name = resolve_gguf(name)
     config = load_config(name)
     family = family_for(config)
     path = str(Path(name).expanduser()) if _looks_local(name) else name

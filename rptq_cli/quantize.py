@@ -22,7 +22,7 @@ from .models.base import Family, HeadLayout, head_layout, replace
 from .nn.attention import AttentionQuant
 from .nn.linear import QuantLinear
 from .nn.quantizers import ActQuant
-from .quant.clip import search_clip
+from .quant.clip import search_clip, search_token_clip
 from .quant.gptq import GPTQ
 from .quant.grid import group_min_max
 from .quant.weights import rtn_quantize, weight_group_sizes
@@ -57,10 +57,15 @@ class PointGroups:
                    down_in=plan.r5.cluster_sizes)
 
 
-def act_quantizer(observer: ChannelObserver, groups: torch.Tensor, bits: int, clip: str) -> ActQuant | None:
-    """Static per-group parameters from calibration: the group's min/max, or the MSE-best clipped range."""
+def act_quantizer(observer: ChannelObserver, groups: torch.Tensor, bits: int, clip: str,
+                  per_token: bool = False) -> ActQuant | None:
+    """Static per-group parameters from calibration (the group's min/max, or the MSE-best clipped range), or
+    a per-token quantizer over the same groups."""
     if bits >= FP:
         return None
+    if per_token:
+        clip_ratio = search_token_clip(observer.samples(), groups, bits) if clip == "mse" and observer.kept else None
+        return ActQuant.per_token(groups, bits, clip_ratio)
     if clip == "mse" and observer.kept:
         lo, hi = search_clip(observer.samples(), groups, bits, observer.lo, observer.hi)
     else:
@@ -143,7 +148,8 @@ def quantize_model(model: nn.Module, family: Family, tokens: torch.Tensor, confi
             with observe_layer(layer, family, keep_rows=keep_rows, seed=seed) as observers, \
                     (collect_hessians(layer, shared_inputs) if gptq else contextlib.nullcontext({})) as solvers:
                 runner.forward(layer, hidden, desc=f"{tag} calibrate" if tag else "")
-            acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip)
+            acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip,
+                                     config.per_token(p))
                     for p in STAT_POINTS}
             report.seconds["calibrate"] += clock() - t
 

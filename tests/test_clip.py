@@ -59,3 +59,16 @@ def test_never_worse_than_minmax_on_its_samples(sizes, bits, tail, seed):
     min_lo, min_hi = group_min_max(lo, hi, group_sizes)
     assert (lo_g >= min_lo).all() and (hi_g <= min_hi).all()  # only ever shrinks
     assert (_group_mse(samples, group_sizes, bits, lo_g, hi_g) <= _group_mse(samples, group_sizes, bits, min_lo, min_hi) * (1 + 1e-9)).all()
+
+
+def test_token_clip_search_never_worse_than_min_max():
+    from rptq_cli.kernels import ref_fake_quant_act_token
+    from rptq_cli.quant.clip import search_token_clip
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 212, generator=g)
+    x[:, :12] = torch.rand(64, 12, generator=g)  # uniform: its min/max grid is already the best
+    sizes = torch.tensor([12, 200], dtype=torch.int32)
+    ratio = search_token_clip(x, sizes, 4)
+    mse = lambda r: (ref_fake_quant_act_token(x, sizes, r, 4) - x).square().sum()
+    assert ratio[0] == 1 and mse(ratio) <= mse(torch.ones(2))
+    assert ratio[1] < 1  # 200 Gaussian channels: each token's extremes are rare, clipping them pays at 4 bits

@@ -56,3 +56,12 @@ def test_parse_clusters():
         parse_clusters("R1=x")
     with pytest.raises(RptqError, match="w9"):
         build_config("w9")
+
+
+def test_token_mode_keeps_paper_bits_and_makes_linear_inputs_per_token():
+    paper, token = build_config("w4a4", mode="paper"), build_config("w4a4", mode="token")
+    assert [token.act_bits(p) for p in ACT_POINTS] == [paper.act_bits(p) for p in ACT_POINTS]
+    assert [p for p in ACT_POINTS if token.per_token(p)] == ["x1", "q", "o_in", "x2", "down_in"]
+    assert not any(paper.per_token(p) for p in ACT_POINTS)
+    assert token.label == "W4A4-token" and paper.label == "W4A4"
+    assert not any(build_config("w4a4kv", mode="token").per_token(p) for p in ACT_POINTS)  # only K, V: static

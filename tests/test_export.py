@@ -49,6 +49,8 @@ CONFIGS = [
     ("llama", QuantConfig(wbits=2, abits=8, clusters=SMALL, weight_groups="channel"),
      dict(hidden=128, heads=4, kv_heads=2, ffn=160)),
     ("qwen2", QuantConfig(wbits=4, abits=16, clusters=SMALL), dict(hidden=64, heads=2, kv_heads=1, ffn=96)),
+    ("opt", QuantConfig(wbits=4, abits=4, mode="token", clusters=SMALL), dict(hidden=64, heads=2)),
+    ("llama", QuantConfig(wbits=4, abits=8, mode="token", clusters=SMALL), dict(hidden=64, heads=4, kv_heads=2, ffn=96)),
 ]
 
 

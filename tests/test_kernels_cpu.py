@@ -163,6 +163,21 @@ def test_quantize_act_bit_exact(isa, bits):
     assert torch.equal(K.fake_quant_act(x, s, z, gs, bits), K.ref_fake_quant_act(x, s, z, gs, bits))
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("kind", ["one", "tiny", "uneven"])
+def test_fake_quant_act_token_bit_exact(isa, bits, kind):
+    x = torch.randn(2, 9, 101, generator=gen(5)) * torch.rand(101, generator=gen(6)) * 5
+    x[0, 3, 17] = 300.0  # a token with an outlier gets a coarse grid; the others keep theirs
+    x[1, 4] = 0.0  # an all-zero token: the minimum scale, every value exact
+    gs = random_groups(101, kind, gen(7))
+    clip = 0.6 + 0.4 * torch.rand(gs.numel(), generator=gen(8))
+    out = K.fake_quant_act_token(x, gs, clip, bits)
+    assert torch.equal(out, K.ref_fake_quant_act_token(x, gs, clip, bits))
+    assert torch.equal(out[1, 4], x[1, 4])
+    assert torch.equal(K.fake_quant_act_token(x.bfloat16(), gs, clip, bits),
+                       K.ref_fake_quant_act_token(x.bfloat16(), gs, clip, bits))
+
+
 # ---- reorder-norm -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -301,6 +316,14 @@ def test_misuse_other_ops(mode):
             fn(x, torch.arange(64) + 1, torch.ones(64), None, 1e-5, False)
         with pytest.raises((ValueError, RuntimeError), match="weight"):
             fn(x, torch.arange(64), torch.ones(63), None, 1e-5, False)
+    clip = torch.ones(gs.numel())
+    for fn in (K.fake_quant_act_token, torch.ops.rptq.fake_quant_act_token):
+        with pytest.raises((ValueError, RuntimeError), match="sum"):
+            fn(x, gs[:-1], clip[:-1], 8)
+        with pytest.raises((ValueError, RuntimeError), match="bits"):
+            fn(x, gs, clip, 9)
+        with pytest.raises((ValueError, RuntimeError), match="clip"):
+            fn(x, gs, clip[:-1], 8)
     scale, zero = kv_params(2, 64, 4, 1)
     cache = torch.zeros(1, 2, 4, K.kv_row_bytes(64, 4), dtype=torch.uint8)
     for fn in (K.kv_append, torch.ops.rptq.kv_append):

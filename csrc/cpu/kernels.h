@@ -38,6 +38,10 @@ struct KernelTable {
   // codes (may be null) and/or fake-quantized values (may be null) of x [rows, C]
   void (*quantize_act)(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
                        const int32_t* gs, int G, int bits, uint8_t* codes, float* fq);
+  // fake-quantized x [rows, C] on per-token grids: each row's own (scale, zero) per group from its min/max
+  // times the group's clip ratio
+  void (*quantize_act_token)(const float* x, int64_t rows, int64_t C, const int32_t* gs, const float* clip, int G,
+                             int bits, float* fq);
   void (*reorder_norm)(const float* x, int64_t rows, int64_t C, const int64_t* perm, const float* w,
                        const float* b, float eps, int rms, const float* act_scale, const int32_t* act_zero,
                        const int32_t* act_gs, int act_G, int act_bits, float* y);

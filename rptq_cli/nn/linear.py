@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
             self.weight = None
         else:
             self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.fused = (act is not None and self.bits < 16 and act.bits < 16
+        self.fused = (act is not None and self.bits < 16 and act.bits < 16 and not act.dynamic
                       and torch.equal(act.group_sizes.cpu(), self.group_sizes.cpu()))
         self._cpu_scales: tuple[torch.Tensor, int, torch.Tensor] | None = None
 

@@ -1,4 +1,5 @@
-"""Static activation quantizer: one (scale, zero) per channel group, fixed at calibration."""
+"""Activation quantizers over channel groups: static (one (scale, zero) per group, fixed at calibration) or
+per token (each token's own (scale, zero) per group, computed at run time from its values)."""
 from __future__ import annotations
 
 import torch
@@ -9,17 +10,32 @@ from ..quant import grid
 
 
 class ActQuant(nn.Module):
-    """Fake-quantizes the last dim of its input with per-group static parameters.
+    """Fake-quantizes the last dim of its input on per-group grids.
 
-    Buffers: ``scale`` float32 [G], ``zero`` int32 [G], ``group_sizes`` int32 [G] (Σ = channels).
+    Buffers: ``group_sizes`` int32 [G] (Σ = channels); a static quantizer has ``scale`` float32 [G] and
+    ``zero`` int32 [G]; a per-token one has ``clip`` float32 [G] (the share of each token's range in the group
+    that its grid covers) and derives scale and zero from each token at run time.
     """
 
-    def __init__(self, scale: torch.Tensor, zero: torch.Tensor, group_sizes: torch.Tensor, bits: int):
+    def __init__(self, scale: torch.Tensor | None, zero: torch.Tensor | None, group_sizes: torch.Tensor, bits: int,
+                 clip: torch.Tensor | None = None):
         super().__init__()
+        if (scale is None) == (clip is None):
+            raise ValueError("ActQuant is either static (scale, zero) or per token (clip)")
         self.bits = int(bits)
-        self.register_buffer("scale", scale.float().contiguous())
-        self.register_buffer("zero", zero.to(torch.int32).contiguous())
+        self.register_buffer("scale", None if scale is None else scale.float().contiguous())
+        self.register_buffer("zero", None if zero is None else zero.to(torch.int32).contiguous())
+        self.register_buffer("clip", None if clip is None else clip.float().contiguous())
         self.register_buffer("group_sizes", group_sizes.to(torch.int32).contiguous())
+
+    @classmethod
+    def per_token(cls, group_sizes: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> "ActQuant":
+        clip = torch.ones(group_sizes.numel()) if clip is None else clip
+        return cls(None, None, group_sizes, bits, clip=clip)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.scale is None
 
     @classmethod
     def from_range(cls, lo: torch.Tensor, hi: torch.Tensor, group_sizes: torch.Tensor, bits: int) -> "ActQuant":
@@ -31,6 +47,8 @@ class ActQuant(nn.Module):
         return int(self.group_sizes.sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic:
+            return kernels.fake_quant_act_token(x, self.group_sizes, self.clip, self.bits)
         return kernels.fake_quant_act(x, self.scale, self.zero, self.group_sizes, self.bits)
 
     def forward_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,4 +58,4 @@ class ActQuant(nn.Module):
         return self(flat).reshape(b, t, h, d).transpose(1, 2)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, groups={self.group_sizes.numel()}, channels={self.channels}"
+        return f"bits={self.bits}, {'per token' if self.dynamic else 'static'}, groups={self.group_sizes.numel()}, channels={self.channels}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import affine_params, expand_groups, fake_quantize, group_min_max
+from .grid import affine_params, expand_groups, fake_quantize, group_min_max, token_group_params
 
 CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(9))  # 1.0, 0.95, ..., 0.6
 
@@ -54,6 +54,35 @@ def shrink_search(
         best_lo = torch.where(better, lo * ratio, best_lo)
         best_hi = torch.where(better, hi * ratio, best_hi)
     return best_lo, best_hi
+
+
+def search_token_clip(
+    samples: torch.Tensor,
+    group_sizes: torch.Tensor,
+    bits: int,
+    ratios: tuple[float, ...] = CLIP_RATIOS,
+) -> torch.Tensor:
+    """Per-group clip ratio of per-token grids minimising the fake-quantization MSE of ``samples``.
+
+    samples: float [T, C] activations in the groups' channel order; group_sizes: int [G], sum C. Each token's
+    grid covers its own min/max in the group times the ratio. Returns float32 [G]; ratio 1.0 wins ties.
+    """
+    x = samples.float()
+    index = group_index(group_sizes, x.device)
+    best_ratio, best_err = torch.ones(group_sizes.numel()), None
+    for ratio in (1.0, *(r for r in ratios if r != 1.0)):
+        candidate = torch.full((group_sizes.numel(),), ratio)
+        scale, zero = token_group_params(x, group_sizes, candidate, bits)
+        x_hat = fake_quantize(x, expand_groups(scale, group_sizes), expand_groups(zero, group_sizes), bits)
+        per_channel = (x_hat - x).square().sum(0, dtype=torch.float64)  # [C]
+        err = per_channel.new_zeros(group_sizes.numel()).index_add_(0, index, per_channel)  # [G]
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, candidate, best_ratio)
+    return best_ratio
 
 
 def search_clip(

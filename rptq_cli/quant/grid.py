@@ -62,6 +62,25 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
     return dequantize(quantize(x, scale, zero, bits), scale, zero).to(x.dtype)
 
 
+def token_group_params(x: torch.Tensor, group_sizes: torch.Tensor, clip: torch.Tensor,
+                       bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic grids: the scale and zero of each token's values in each channel group.
+
+    x: float [..., C] (a token per row); group_sizes: int [G], sum C; clip: float32 [G], the share of each
+    group's range the grid covers (1 = the token's min/max; below 1 the extremes are clipped). Returns
+    ``scale`` float32 [..., G] and ``zero`` int32 [..., G] of :func:`affine_params` over each (token, group)'s
+    own min/max (widened to 0) times ``clip``.
+    """
+    x = x.float()
+    index = torch.repeat_interleave(torch.arange(group_sizes.numel(), device=x.device),
+                                    group_sizes.to(x.device).long()).expand_as(x)
+    # starting from 0 includes 0 in every range, as affine_params does anyway
+    lo = x.new_zeros((*x.shape[:-1], group_sizes.numel())).scatter_reduce_(-1, index, x, "amin")
+    hi = x.new_zeros(lo.shape).scatter_reduce_(-1, index, x, "amax")
+    clip = clip.float().to(x.device)
+    return affine_params(lo * clip, hi * clip, bits)
+
+
 def expand_groups(per_group: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
     """Repeat ``per_group[..., g]`` ``group_sizes[g]`` times along the last dim (→ per channel)."""
     return torch.repeat_interleave(per_group, group_sizes.to(per_group.device).long(), dim=-1)
