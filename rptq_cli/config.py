@@ -32,8 +32,8 @@ FP = 16  # "bits" of a tensor that stays in floating point
 MODES = {
     "paper": "the official RPTQ: static per-cluster ranges; norm outputs and softmax at max(8, abits)",
     "strict": "static per-cluster ranges, every point at abits",
-    "token": "paper's bits; linear inputs and queries get per-token scales per cluster at run time, "
-             "the KV cache keeps static per-cluster ranges",
+    "token": "paper's bits, but linear inputs and queries get per-token scales per cluster at run time "
+             "and the softmax output stays in floating point; the KV cache keeps static per-cluster ranges",
 }
 TOKEN_POINTS = ("x1", "q", "o_in", "x2", "down_in")  # per-token scales in mode "token": not stored in the cache
 
@@ -43,7 +43,7 @@ class QuantConfig:
     wbits: int = 16
     abits: int = 16
     kv_only: bool = False               # only K and V at abits (W4A4KV and friends)
-    mode: str = "paper"                 # see MODES
+    mode: str = "token"                 # see MODES; "paper" reproduces the official RPTQ code
     weight_quantizer: str = "gptq"      # gptq | rtn
     weight_groups: str | int = "cluster"  # cluster | channel | group size
     clusters: dict = field(default_factory=lambda: dict(DEFAULT_CLUSTERS))
@@ -86,6 +86,8 @@ class QuantConfig:
             return FP
         if self.kv_only:
             return a if point in ("k", "v") else FP
+        if self.mode == "token" and point == "p":
+            return FP  # a fixed 8-bit grid zeroes every probability below 1/510: most of a long context
         if self.mode != "strict" and point in ("x1", "x2", "p"):
             return max(8, a)
         return a

@@ -55,7 +55,7 @@ def test_eval_fp_and_quantized(stats_file, tiny_opt_dir, corpus_file, tmp_path):
                  "--stats", stats_file, "--clusters", "R1=8,R2=2,R3=2,R4=8,R5=8", "--json", q_json)
     assert result.exit_code == 0, result.output
     q = json.loads(q_json.read_text())
-    assert q["quantization"]["label"] == "W4A4" and q["quantization"]["mode"] == "paper"
+    assert q["quantization"]["label"] == "W4A4-token" and q["quantization"]["mode"] == "token"  # the default
     assert q["quantization"]["calibration"]["source"].startswith("file:")  # taken from the stats file
     ppl_fp, ppl_q = fp["results"]["wikitext"]["ppl"], q["results"]["wikitext"]["ppl"]
     assert ppl_q > 0 and abs(ppl_q - ppl_fp) / ppl_fp < 0.5 and ppl_q != ppl_fp

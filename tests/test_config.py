@@ -3,11 +3,14 @@ import pytest
 from rptq_cli.config import ACT_POINTS, QuantConfig, build_config, parse_clusters, preset_names
 from rptq_cli.errors import RptqError
 
-# DESIGN §2: bits of (x1, q, k, v, p, o_in, x2, down_in) per preset, paper mode unless named strict
+# DESIGN §2: bits of (x1, q, k, v, p, o_in, x2, down_in) per preset; token mode (the default) keeps the
+# softmax output in floating point, paper mode puts it at 8 bits
 TABLE = {
     "w4a16": (16, 16, 16, 16, 16, 16, 16, 16),
-    "w4a8": (8, 8, 8, 8, 8, 8, 8, 8),
-    "w4a4": (8, 4, 4, 4, 8, 4, 8, 4),
+    "w4a8": (8, 8, 8, 8, 16, 8, 8, 8),
+    "w4a4": (8, 4, 4, 4, 16, 4, 8, 4),
+    "w4a8-paper": (8, 8, 8, 8, 8, 8, 8, 8),
+    "w4a4-paper": (8, 4, 4, 4, 8, 4, 8, 4),
     "w4a4-strict": (4, 4, 4, 4, 4, 4, 4, 4),
     "w4a8-strict": (8, 8, 8, 8, 8, 8, 8, 8),
     "w4a4kv": (16, 16, 4, 4, 16, 16, 16, 16),
@@ -59,8 +62,9 @@ def test_parse_clusters():
 
 
 def test_token_mode_keeps_paper_bits_and_makes_linear_inputs_per_token():
-    paper, token = build_config("w4a4", mode="paper"), build_config("w4a4", mode="token")
-    assert [token.act_bits(p) for p in ACT_POINTS] == [paper.act_bits(p) for p in ACT_POINTS]
+    paper, token = build_config("w4a4", mode="paper"), build_config("w4a4")
+    assert [token.act_bits(p) for p in ACT_POINTS if p != "p"] == [paper.act_bits(p) for p in ACT_POINTS if p != "p"]
+    assert token.act_bits("p") == 16 and paper.act_bits("p") == 8
     assert [p for p in ACT_POINTS if token.per_token(p)] == ["x1", "q", "o_in", "x2", "down_in"]
     assert not any(paper.per_token(p) for p in ACT_POINTS)
     assert token.label == "W4A4-token" and paper.label == "W4A4"

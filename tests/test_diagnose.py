@@ -56,5 +56,5 @@ def test_eval_writes_the_report(tiny_llama_dir, corpus_file, tmp_path):
                                        str(corpus_file), "--report", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["label"] == "W4A8" and report["kl_vs_fp"] > 0 and report["points"]
+    assert report["label"] == "W4A8-token" and report["kl_vs_fp"] > 0 and report["points"]
     assert "largest relative MSE" in result.output

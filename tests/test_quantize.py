@@ -60,11 +60,14 @@ def test_kv_only_quantizes_only_k_and_v():
     assert all(m.act is None for m in layer.modules() if isinstance(m, QuantLinear))
 
 
-def test_weight_groups_follow_input_clusters():
-    model = quantized(config=QuantConfig(wbits=4, abits=8, clusters=SMALL, weight_quantizer="rtn"))
+@pytest.mark.parametrize("mode", ["paper", "token"])
+def test_weight_groups_follow_input_clusters(mode):
+    model = quantized(config=QuantConfig(wbits=4, abits=8, clusters=SMALL, weight_quantizer="rtn", mode=mode))
     layer = model.model.decoder.layers[0]
     for linear in (layer.self_attn.q_proj, layer.fc1, layer.fc2, layer.self_attn.out_proj):
-        assert torch.equal(linear.group_sizes, linear.act.group_sizes) and linear.fused
+        assert torch.equal(linear.group_sizes, linear.act.group_sizes)
+        # static ranges run the fused integer kernel; per-token grids quantize the input, then linear_a16
+        assert linear.fused == (mode == "paper") and linear.act.dynamic == (mode == "token")
     assert layer.self_attn.q_proj.group_sizes.numel() == 8
 
 
@@ -85,9 +88,12 @@ def test_rptq_beats_per_tensor_with_outlier_channels(family, cfg, abits):
         reference = base(tokens).logits
     errors = {}
     for reorder in (True, False):
-        config = QuantConfig(wbits=16, abits=abits, reorder=reorder, clusters=SMALL)
+        config = QuantConfig(wbits=16, abits=abits, reorder=reorder, clusters=SMALL, mode="paper")
         errors[reorder] = logits_error(quantized(family, config, seed=3, **cfg), reference, tokens)
     assert errors[True] < 0.5 * errors[False], errors
+    # per-token grids on top of the reorder beat the official static ranges
+    token = QuantConfig(wbits=16, abits=abits, clusters=SMALL, mode="token")
+    assert logits_error(quantized(family, token, seed=3, **cfg), reference, tokens) < errors[True]
 
 
 def test_gptq_beats_rtn():
