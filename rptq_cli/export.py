@@ -27,8 +27,6 @@ format version and every tensor's presence, dtype and shape.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -44,19 +42,20 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from . import __version__
 from .config import QuantConfig
 from .errors import RptqError
+from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_sizes, check_permutation,
+                        check_same_groups, check_scales, directory_hashes, file_sha256, verify_hashes)
 from .models import Family, family_for
 from .nn.attention import AttentionQuant, use_rptq_attention
 from .nn.linear import QuantLinear
 from .nn.norm import ReorderNorm
 from .nn.quantizers import ActQuant
 from .quant.pack import pack_zeros, packed_row_bytes, unpack_zeros
+from .strict import FILE_TAG, QUANT_METHOD, quant_method, require_not_foreign_checkpoint, require_tokenizer
 
-QUANT_METHOD = "rptq"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 4 * 1024**3
-FILE_TAG = "rptq_format_version"  # safetensors metadata key that marks our weight files
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -136,14 +135,6 @@ def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
                                                    indent=2, sort_keys=True) + "\n")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weight_files(model_name: str) -> list[Path]:
     """The weight files of a model that is a local directory (else [])."""
     path = Path(model_name)
@@ -179,8 +170,8 @@ def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str
         hf_config["torch_dtype"] = hf_config["dtype"] = "float16"
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
-        (tmp / "rptq.json").write_text(json.dumps({"tool": "rptq", "tool_version": __version__, **provenance},
-                                                  indent=2, sort_keys=True) + "\n")
+        record = {"tool": "rptq", "tool_version": __version__, **provenance, HASHES_KEY: directory_hashes(tmp)}
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         _publish_permissions(tmp)
         _replace_dir(tmp, output)
     except BaseException:
@@ -213,12 +204,7 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    with contextlib.suppress(ValueError, OSError):
-        return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
-    return False
+    return quant_method(Path(path)) == QUANT_METHOD
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -267,11 +253,12 @@ class _Tensors:
         if bits >= 16:
             return None
         sizes = self.take(f"{prefix}.group_sizes", torch.int32)
+        check_group_sizes(f"{prefix}.group_sizes", sizes, channels)
         g = sizes.numel()
-        if int(sizes.sum()) != channels or bool((sizes <= 0).any()):
-            raise RptqError(f"checkpoint tensor {prefix}.group_sizes does not cover {channels} channels")
-        return ActQuant(self.take(f"{prefix}.scale", torch.float32, (g,)),
-                        self.take(f"{prefix}.zero", torch.uint8, (g,)).to(torch.int32), sizes, bits)
+        scale, zero = self.take(f"{prefix}.scale", torch.float32, (g,)), self.take(f"{prefix}.zero", torch.uint8, (g,))
+        check_scales(f"{prefix}.scale", scale)
+        check_codes(f"{prefix}.zero", zero, bits)
+        return ActQuant(scale, zero.to(torch.int32), sizes, bits)
 
 
 def _load_linear(t: _Tensors, path: str, linear: nn.Module, wbits: int, act_bits: int, dtype) -> QuantLinear:
@@ -281,12 +268,12 @@ def _load_linear(t: _Tensors, path: str, linear: nn.Module, wbits: int, act_bits
     if wbits >= 16:
         return QuantLinear(k, n, bits=16, bias=bias, act=act, weight=t.take(f"{path}.weight", torch.float16, (n, k)).to(dtype))
     sizes = t.take(f"{path}.group_sizes", torch.int32)
+    check_group_sizes(f"{path}.group_sizes", sizes, k)
     g = sizes.numel()
-    if int(sizes.sum()) != k or bool((sizes <= 0).any()):
-        raise RptqError(f"checkpoint tensor {path}.group_sizes does not cover the {k} input channels")
-    return QuantLinear(k, n, bits=wbits, bias=bias, act=act,
-                       qweight=t.take(f"{path}.qweight", torch.uint8, (n, packed_row_bytes(k, wbits))),
-                       scales=t.take(f"{path}.scales", torch.float16, (n, g)),
+    qweight = t.take(f"{path}.qweight", torch.uint8, (n, packed_row_bytes(k, wbits)))
+    scales = t.take(f"{path}.scales", torch.float16, (n, g))
+    check_scales(f"{path}.scales", scales)
+    return QuantLinear(k, n, bits=wbits, bias=bias, act=act, qweight=qweight, scales=scales,
                        zeros=unpack_zeros(t.take(f"{path}.zeros", torch.uint8, (packed_row_bytes(n * g, wbits),)),
                                           wbits, n, g),
                        group_sizes=sizes)
@@ -295,19 +282,26 @@ def _load_linear(t: _Tensors, path: str, linear: nn.Module, wbits: int, act_bits
 def _load_norm(t: _Tensors, path: str, norm: nn.Module, rms: bool, eps: float, dtype) -> ReorderNorm:
     c = norm.weight.shape[0]
     perm = t.take(f"{path}.perm", torch.int32, (c,)).long()
-    if not torch.equal(perm.sort().values, torch.arange(c)):
-        raise RptqError(f"checkpoint tensor {path}.perm is not a permutation; the checkpoint is corrupted")
+    check_permutation(f"{path}.perm", perm)
     bias = t.take(f"{path}.bias", torch.float16, (c,)).to(dtype) if t.has(f"{path}.bias") else None
     return ReorderNorm(perm, t.take(f"{path}.weight", torch.float16, (c,)).to(dtype), bias, eps, rms)
 
 
-def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
-    """Load an rptq checkpoint → (model, tokenizer). Weights stay packed; nothing is built in fp16 first."""
+def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, verify: bool = True):
+    """Load an rptq checkpoint → (model, tokenizer). Weights stay packed; nothing is built in fp16 first.
+
+    ``verify``: compare every file with the SHA-256 recorded at write time (one extra read of the weights);
+    the value-range checks of the quantization parameters run either way.
+    """
     from .models.base import head_layout, norm_eps, replace
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise RptqError(f"{directory} is not a model directory (no config.json)")
-    raw = json.loads((directory / "config.json").read_text())
+    require_not_foreign_checkpoint(str(directory), directory)
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except ValueError as exc:
+        raise RptqError(f"{directory / 'config.json'} is not valid JSON ({exc}); the checkpoint is corrupted") from None
     qc = raw.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise RptqError(f"{directory} is not an rptq checkpoint (no quantization_config with quant_method "
@@ -315,6 +309,8 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     if qc.get("format_version") != FORMAT_VERSION:
         raise RptqError(f"{directory} is an rptq checkpoint of format version {qc.get('format_version')}; this "
                         f"rptq {__version__} reads version {FORMAT_VERSION}: re-quantize or use a matching rptq")
+    if verify:
+        verify_hashes(directory, _provenance(directory).get(HASHES_KEY))
     config = QuantConfig.from_dict({k: v for k, v in qc.items()
                                     if k not in ("quant_method", "format_version", "packing", "label")})
     hf_config = AutoConfig.from_pretrained(directory)
@@ -329,12 +325,15 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         for path, point in family.linear_inputs():
             replace(layer, path, _load_linear(tensors, prefix + path, layer.get_submodule(path), config.wbits,
                                               config.act_bits(point), dtype))
+        _check_layer_groups(layer, prefix, family, config)
         for path in (family.attn_norm, family.mlp_norm):
             norm = layer.get_submodule(path)
             replace(layer, path, _load_norm(tensors, prefix + path, norm, rms, norm_eps(norm), dtype))
         a = prefix + family.attn + ".rptq"
         qk_perm = (tensors.take(f"{a}.qk_perm", torch.int32, (heads.n_kv, heads.head_dim)).long()
                    if family.rope else None)
+        if qk_perm is not None:
+            check_permutation(f"{a}.qk_perm", qk_perm)
         q_ch, kv_ch = heads.n_heads * heads.head_dim, heads.n_kv * heads.head_dim
         layer.get_submodule(family.attn).rptq = AttentionQuant(
             qk_perm=qk_perm, q=tensors.act(f"{a}.q", q_ch, config.act_bits("q")),
@@ -347,8 +346,46 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise RptqError(f"cannot load the tokenizer of {directory} ({exc}); copy the tokenizer files into it") from None
+    require_tokenizer(tokenizer, str(directory))
     model.rptq_config = config
     return model, tokenizer
+
+
+def _provenance(directory: Path) -> dict:
+    file = directory / PROVENANCE_NAME
+    if not file.is_file():
+        return {}
+    try:
+        record = json.loads(file.read_text())
+    except ValueError as exc:
+        raise RptqError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupted") from None
+    return record if isinstance(record, dict) else {}
+
+
+# global reorder points: their linears' weight groups are that point's clusters (at most that many)
+GLOBAL_POINT_CLUSTERS = {"x1": "R1", "x2": "R4", "down_in": "R5"}
+
+
+def _check_layer_groups(layer: nn.Module, prefix: str, family: Family, config: QuantConfig) -> None:
+    """Weight groups agree with what the config records and with every other tensor reading the same input."""
+    from .quant.weights import weight_group_sizes
+    first_of_point: dict[str, tuple[str, torch.Tensor]] = {}
+    for path, point in family.linear_inputs():
+        linear, name = layer.get_submodule(path), f"{prefix}{path}.group_sizes"
+        if linear.bits >= 16:
+            continue
+        sizes = linear.group_sizes
+        if config.weight_groups != "cluster":
+            check_same_groups(name, sizes, f"--weight-groups {config.weight_groups}",
+                              weight_group_sizes(linear.in_features, config.weight_groups))
+            continue
+        if point in GLOBAL_POINT_CLUSTERS:
+            max_groups = config.clusters[GLOBAL_POINT_CLUSTERS[point]] if config.reorder else 1
+            check_group_sizes(name, sizes, linear.in_features, max_groups)
+        if linear.act is not None:
+            check_same_groups(name, sizes, f"{prefix}{path}.act.group_sizes", linear.act.group_sizes)
+        reference = first_of_point.setdefault(point, (name, sizes))
+        check_same_groups(name, sizes, *reference)
 
 
 def _load_remaining(model: nn.Module, tensors: _Tensors, dtype, directory: Path) -> None:
