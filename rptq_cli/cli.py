@@ -1,10 +1,13 @@
 """The ``rptq`` command line: parse, validate, call the pipeline, print. Nothing else lives here."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
@@ -15,19 +18,74 @@ from .errors import RptqError
 CALIB_DEFAULTS = {"nsamples": 128, "seed": 2}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, schedulers), raised like Ctrl-C so that every cleanup path runs for it too."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run(fn):
-    """User errors become one line on stderr and exit code 2, never a traceback."""
+    """User errors become one line on stderr and exit code 2, never a traceback; a bug in rptq keeps its
+    traceback and says so. SIGINT and SIGTERM stop the command, leaving no partial output (130, 143)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except RptqError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM); no partial output was left", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            click.echo("error: interrupted (SIGINT); no partial output was left", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception:
+            traceback.print_exc()
+            click.echo(f"error: this is a bug in rptq {__version__}, not a problem with your input; please report "
+                       "it with the command line and the traceback above", err=True)
+            sys.exit(1)
     return wrapper
+
+
+def _prepare_output(output, force, *, is_ours, kind, directory, sources=()) -> None:
+    """Before any work: refuse a path we may not replace, check writability, clear killed runs' leftovers."""
+    from .outputs import check_output, remove_stale_temporaries
+    check_output(output, force, is_ours=is_ours, kind=kind, directory=directory, sources=sources)
+    for stale in remove_stale_temporaries(output):
+        click.echo(f"note: removed {stale}, left by an earlier run that was killed", err=True)
+
+
+def _is_results_json(path: Path) -> bool:
+    """A results file `rptq eval --json` wrote (the only kind of file `eval --force` replaces)."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        return isinstance(data, dict) and {"model", "quantization", "results"} <= set(data)
+    return False
+
+
+def verify_option(fn):
+    return click.option("--no-verify", is_flag=True,
+                        help="Skip the SHA-256 check of a checkpoint's files (one extra read; slow on huge models). "
+                             "Value-range checks still run.")(fn)
 
 
 def model_options(fn):
@@ -130,11 +188,13 @@ def main():
 @calib_options
 @model_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Stats file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing stats file.")
 @_run
-def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device, dtype, output):
+def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device, dtype, output, force):
     """Record per-channel (min, max) at every reorder point, one layer at a time."""
-    from .calibrate import LayerRunner, StatsFile, collect_stats, stats_metadata
+    from .calibrate import LayerRunner, StatsFile, collect_stats, is_stats_file, stats_metadata
     from .loading import load_model, resolve_device, resolve_dtype
+    _prepare_output(output, force, is_ours=is_stats_file, kind="stats file", directory=False, sources=(model,))
     device = resolve_device(device)
     net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
     _check_seqlen(seqlen, net.config)
@@ -153,23 +213,28 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 @click.option("--data-path", "data_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Local text for the task instead of the hub (one per --task, in order).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing --json results file.")
+@verify_option
 @quant_options
 @calib_options
 @model_options
 @_run
-def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only, mode, weight_quantizer,
-             weight_groups, clusters, no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen,
-             seed, batch_size, device, dtype):
+def eval_cmd(model, tasks, data_paths, json_path, force, no_verify, preset, wbits, abits, kv_only, mode,
+             weight_quantizer, weight_groups, clusters, no_reorder, act_clip, stats_path, calib_dataset, calib_path,
+             nsamples, seqlen, seed, batch_size, device, dtype):
     """GPTQ-protocol perplexity of an FP model or a simulated RPTQ quantization."""
     from .data import eval_tokens
     from .evaluate import perplexity
     from .loading import default_seqlen, resolve_device, resolve_dtype
     if data_paths and len(data_paths) != len(tasks):
         raise RptqError(f"{len(data_paths)} --data-path for {len(tasks)} --task; give one file per task, in order")
+    if json_path:
+        _prepare_output(json_path, force, is_ours=_is_results_json, kind="results file", directory=False,
+                        sources=(model,))
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
     device = resolve_device(device)
-    net, tokenizer, family = _load_any(model, resolve_dtype(dtype, device))
+    net, tokenizer, family = _load_any(model, resolve_dtype(dtype, device), verify=not no_verify)
     if family is None and config is not None:
         raise RptqError(f"{model} is already quantized; drop the quantization flags to evaluate it as it is")
     _check_seqlen(seqlen, net.config)
@@ -190,7 +255,7 @@ def eval_cmd(model, tasks, data_paths, json_path, preset, wbits, abits, kv_only,
     for task, r in results.items():
         click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
     if json_path:
-        from .calibrate import atomic_write
+        from .outputs import atomic_write
         payload = {"model": model, "quantization": quantization, "results": results}
         atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
@@ -210,12 +275,12 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
             "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
 
 
-def _load_any(model: str, dtype):
+def _load_any(model: str, dtype, verify: bool = True):
     """A packed rptq checkpoint → (model, tokenizer, None); an FP model → (model, tokenizer, family), on the CPU."""
     from .export import is_quantized_checkpoint, load_quantized
     from .loading import load_model
     if is_quantized_checkpoint(model):
-        return (*load_quantized(model, dtype=dtype), None)
+        return (*load_quantized(model, dtype=dtype, verify=verify), None)
     return load_model(model, dtype)
 
 
@@ -231,10 +296,11 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
              no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
              dtype):
     """Quantize MODEL with RPTQ and write a packed checkpoint directory."""
-    from .export import check_output, save_quantized, source_hashes
+    from .export import is_quantized_checkpoint, save_quantized, source_hashes
     from .loading import load_model, resolve_device, resolve_dtype
     from .report import checkpoint_summary
-    check_output(output, force)  # before the expensive part, not only when writing
+    _prepare_output(output, force, is_ours=is_quantized_checkpoint, kind="rptq checkpoint directory", directory=True,
+                    sources=(model,))  # before the expensive part, not only when writing
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
     if config is None:
@@ -264,9 +330,10 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
 @click.option("--verbose", "-v", is_flag=True, help="Backend, speed and KV-cache bytes per token.")
+@verify_option
 @model_options
 @_run
-def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, device, dtype):
+def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, no_verify, device, dtype):
     """Generate text from MODEL (an rptq checkpoint or an FP model) with its packed KV cache."""
     import torch
 
@@ -274,9 +341,11 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, d
     from .loading import resolve_device, resolve_dtype
     from .nn.kv_cache import PackedKVCache
     device = resolve_device(device)
-    net, tokenizer, _ = _load_any(model, resolve_dtype(dtype, device))
+    net, tokenizer, _ = _load_any(model, resolve_dtype(dtype, device), verify=not no_verify)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    _check_generation_length(inputs["input_ids"].shape[1], max_new_tokens, net.config)
     net.to(device)
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    inputs = inputs.to(device)
     cache = PackedKVCache.from_model(net, max_length=inputs["input_ids"].shape[1] + max_new_tokens)
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -293,6 +362,19 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, d
         if cache is not None:
             from .report import kv_bytes_line
             click.echo(kv_bytes_line(cache), err=True)
+
+
+def _check_generation_length(prompt_tokens: int, max_new_tokens: int, model_config) -> None:
+    """Prompt and new tokens must fit the model's positions; say how many do, before generating anything."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not positions or prompt_tokens + max_new_tokens <= positions:
+        return
+    if prompt_tokens >= positions:
+        raise RptqError(f"the prompt is {prompt_tokens} tokens, the model has {positions} positions; shorten it to at "
+                        f"most {positions - 1} tokens to generate anything")
+    raise RptqError(f"the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} exceed the model's "
+                    f"{positions} positions; {positions - prompt_tokens} new tokens fit: pass --max-new-tokens "
+                    f"{positions - prompt_tokens} or shorten the prompt")
 
 
 @main.command()

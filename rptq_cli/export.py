@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -39,7 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import __version__
+from . import __version__, outputs
 from .config import QuantConfig
 from .errors import RptqError
 from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_sizes, check_permutation,
@@ -148,18 +147,19 @@ def source_hashes(model_name: str) -> dict[str, str]:
     return {f.name: file_sha256(f) for f in weight_files(model_name)}
 
 
-def check_output(output: str | os.PathLike, force: bool) -> None:
-    if Path(output).exists() and not force:
-        raise RptqError(f"{output} already exists; pass --force to replace it or choose another -o")
+def check_output(output: str | os.PathLike, force: bool, source: str | os.PathLike | None = None) -> None:
+    """--force replaces only an rptq checkpoint (or an empty directory), never ``source``; see outputs.py."""
+    outputs.check_output(output, force, is_ours=is_quantized_checkpoint, kind="rptq checkpoint directory",
+                         directory=True, sources=(source,))
 
 
 def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str | os.PathLike, *,
                    provenance: dict, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write the checkpoint atomically: a temporary sibling directory, renamed into place when complete."""
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, provenance.get("source_model"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = outputs.temporary_dir(output)
     try:
         write_weights(checkpoint_tensors(model), tmp, max_shard_bytes)
         hf_config = model.config.to_dict()
@@ -193,7 +193,7 @@ def _replace_dir(new: Path, target: Path) -> None:
     """Rename ``new`` to ``target``; an existing target is moved aside first and deleted after."""
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(f"{outputs.temporary_prefix(target)}{os.getpid()}-old")  # a stale one is found
         os.replace(target, old)
     os.replace(new, target)
     if old is not None:
