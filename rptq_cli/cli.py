@@ -16,6 +16,7 @@ from . import __version__
 from .errors import RptqError
 
 CALIB_DEFAULTS = {"nsamples": 128, "seed": 2}
+MIN_CALIB_SEQLEN = 16  # shorter windows calibrate on little more than the first tokens' outliers
 
 
 class Terminated(KeyboardInterrupt):
@@ -162,6 +163,12 @@ def _calibration(tokenizer, model_config, stats, calib_dataset, calib_path, nsam
     nsamples = nsamples or recorded.get("nsamples") or CALIB_DEFAULTS["nsamples"]
     seqlen = seqlen or recorded.get("seqlen") or default_seqlen(model_config)
     seed = seed if seed is not None else recorded.get("seed", CALIB_DEFAULTS["seed"])
+    if seqlen < 2:
+        raise RptqError(f"--seqlen {seqlen} gives calibration windows of a single token, which hold no context; pass "
+                        f"--seqlen {MIN_CALIB_SEQLEN} or more (default {default_seqlen(model_config)})")
+    if seqlen < MIN_CALIB_SEQLEN:
+        click.echo(f"warning: calibration windows of {seqlen} tokens see little context; activation ranges may not "
+                   f"match real inputs (use --seqlen {MIN_CALIB_SEQLEN} or more)", err=True)
     tokens, provenance = calibration_windows(tokenizer, dataset=calib_dataset, path=calib_path,
                                              nsamples=nsamples, seqlen=seqlen, seed=seed)
     if recorded.get("sha256") and recorded.get("source") == provenance["source"] \
@@ -268,11 +275,29 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
     if stats_path:
         stats = StatsFile.load(stats_path)
         stats.check_model(net.config, family, stats_path)
+    _fit_clusters(config, net.config, family)
     tokens, provenance = _calibration(tokenizer, net.config, stats, calib_dataset, calib_path, nsamples, seqlen, seed)
     report = quantize_model(net, family, tokens, config, stats=stats, device=device, batch_size=batch_size,
                             seed=provenance["seed"])
     return {"label": config.label, **config.to_dict(), "calibration": provenance,
             "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
+
+
+def _fit_clusters(config, model_config, family) -> None:
+    """Clamp a cluster count above its point's channels (per head for R2/R3), say so once, record what is used."""
+    from .models.base import head_layout
+    if not config.reorder:
+        return
+    heads = head_layout(family, model_config)
+    ffn = getattr(model_config, "ffn_dim", None) or getattr(model_config, "intermediate_size", None)
+    channels = {"R1": model_config.hidden_size, "R2": heads.head_dim, "R3": heads.head_dim,
+                "R4": model_config.hidden_size, "R5": ffn}
+    for point, asked in sorted(config.clusters.items()):
+        if channels.get(point) and asked > channels[point]:
+            per_head = " per head" if point in ("R2", "R3") else ""
+            click.echo(f"note: --clusters {point}={asked} exceeds the {channels[point]} channels{per_head} of {point}; "
+                       f"using {channels[point]} (recorded as such)", err=True)
+            config.clusters[point] = channels[point]
 
 
 def _load_any(model: str, dtype, verify: bool = True):
@@ -299,7 +324,7 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
     from .export import is_quantized_checkpoint, save_quantized, source_hashes
     from .loading import load_model, resolve_device, resolve_dtype
     from .report import checkpoint_summary
-    _prepare_output(output, force, is_ours=is_quantized_checkpoint, kind="rptq checkpoint directory", directory=True,
+    _prepare_output(output, force, is_ours=is_quantized_checkpoint, kind="checkpoint directory", directory=True,
                     sources=(model,))  # before the expensive part, not only when writing
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)

@@ -149,7 +149,7 @@ def source_hashes(model_name: str) -> dict[str, str]:
 
 def check_output(output: str | os.PathLike, force: bool, source: str | os.PathLike | None = None) -> None:
     """--force replaces only an rptq checkpoint (or an empty directory), never ``source``; see outputs.py."""
-    outputs.check_output(output, force, is_ours=is_quantized_checkpoint, kind="rptq checkpoint directory",
+    outputs.check_output(output, force, is_ours=is_quantized_checkpoint, kind="checkpoint directory",
                          directory=True, sources=(source,))
 
 
