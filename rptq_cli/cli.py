@@ -71,8 +71,12 @@ def _prepare_output(output, force, *, is_ours, kind, directory, sources=()) -> N
     """Before any work: refuse a path we may not replace, check writability, clear killed runs' leftovers."""
     from .outputs import check_output, remove_stale_temporaries
     check_output(output, force, is_ours=is_ours, kind=kind, directory=directory, sources=sources)
-    for stale in remove_stale_temporaries(output):
+    removed, unknown = remove_stale_temporaries(output)
+    for stale in removed:
         click.echo(f"note: removed {stale}, left by an earlier run that was killed", err=True)
+    for other in unknown:
+        click.echo(f"note: {other} looks like the temporary of an earlier rptq run; remove it if no rptq is "
+                   f"writing {output}", err=True)
 
 
 def _is_results_json(path: Path) -> bool:
@@ -375,9 +379,15 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, n
     torch.manual_seed(seed)
     start = time.perf_counter()
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    with torch.no_grad():
-        out = net.generate(**inputs, max_new_tokens=max_new_tokens, past_key_values=cache,
-                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    try:
+        with torch.no_grad():
+            out = net.generate(**inputs, max_new_tokens=max_new_tokens, past_key_values=cache,
+                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    except RuntimeError as exc:  # torch.multinomial's word for NaN/inf logits; anything else is ours
+        if "probability tensor contains" not in str(exc):
+            raise
+        raise RptqError(f"sampling met NaN or infinite probabilities: {model} produces NaN/inf logits (broken "
+                        "weights, or an overflow in this dtype: try --dtype float32)") from None
     seconds = time.perf_counter() - start
     new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))

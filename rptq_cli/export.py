@@ -313,7 +313,11 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         verify_hashes(directory, _provenance(directory).get(HASHES_KEY))
     config = QuantConfig.from_dict({k: v for k, v in qc.items()
                                     if k not in ("quant_method", "format_version", "packing", "label")})
-    hf_config = AutoConfig.from_pretrained(directory)
+    try:
+        hf_config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RptqError(f"cannot read the config of checkpoint {directory} ({first}); it is corrupted") from None
     family: Family = family_for(hf_config)
     tensors = _Tensors(_read_tensors(directory), directory)
     with torch.device("meta"):

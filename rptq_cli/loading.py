@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import RptqError
 from .models import Family, family_for
-from .strict import require_complete, require_fp_source, require_tokenizer
+from .strict import require_complete, require_float_weights, require_fp_source, require_tokenizer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -70,6 +70,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RptqError(f"cannot load model {name!r}: {first}; the files are truncated, corrupted or missing") from None
     require_complete(info, name)
+    require_float_weights(local, {key for key, _ in model.named_parameters()}, name)
     require_tokenizer(tokenizer, name)
     model.eval()
     model.config.use_cache = True

@@ -114,20 +114,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(output: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries of killed runs on ``output`` (their writer is gone); return what was removed.
+def remove_stale_temporaries(output: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """Remove the temporaries of killed runs on ``output`` (their writer is gone).
 
-    Temporaries without a PID (written by an older rptq) or of a live process are left alone.
+    Returns (removed, unknown): ``unknown`` are temporaries without a PID (an older rptq wrote them), which
+    are only reported; those of a live process are a concurrent writer's and left alone.
     """
     output = Path(output).expanduser()
+    removed: list[Path] = []
+    unknown: list[Path] = []
     if not output.parent.is_dir():
-        return []
-    prefix, removed = temporary_prefix(output), []
+        return removed, unknown
+    prefix = temporary_prefix(output)
     for entry in sorted(output.parent.iterdir()):
         if not entry.name.startswith(prefix):
             continue
         pid = _writer_pid(entry.name, prefix)
-        if pid is None or pid == os.getpid() or _alive(pid):
+        if pid is None:
+            unknown.append(entry)
+            continue
+        if pid == os.getpid() or _alive(pid):
             continue
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():
@@ -135,7 +141,7 @@ def remove_stale_temporaries(output: str | os.PathLike) -> list[Path]:
             else:
                 entry.unlink()
             removed.append(entry)
-    return removed
+    return removed, unknown
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

@@ -101,6 +101,23 @@ def require_complete(info: dict, name: str) -> None:
         raise RptqError(f"model {name} did not load cleanly: {str(info['error_msgs'][0]).splitlines()[0]}")
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype names an FP parameter may be stored in
+
+
+def require_float_weights(directory: Path | None, parameter_names: set[str], name: str) -> None:
+    """transformers casts whatever it reads to the model dtype, so int8 bytes would load as 'weights'."""
+    from safetensors import safe_open
+    if directory is None:
+        return
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if key in parameter_names and dtype not in FLOAT_DTYPES:
+                    raise RptqError(f"model {name} stores parameter {key} as {dtype}, not as floating point "
+                                    f"({file.name}); the weights are corrupted or of another format")
+
+
 def require_tokenizer(tokenizer, name: str) -> None:
     """A directory without tokenizer files loads as a tokenizer that knows only special tokens."""
     vocab = len(tokenizer.get_vocab()) if hasattr(tokenizer, "get_vocab") else len(tokenizer)

@@ -117,7 +117,8 @@ FC1 = "model.decoder.layers.1.fc1.weight"
     (lambda t: t.pop(FC1), ["missing 1 tensor", FC1, "nothing was initialized at random"]),
     (lambda t: t.update({"model.decoder.extra.weight": torch.zeros(3)}), ["does not use", "extra.weight"]),
     (lambda t: t.update({FC1: t[FC1][:10].clone()}), ["shape", FC1]),
-], ids=["missing", "unexpected", "wrong-shape"])
+    (lambda t: t.update({FC1: (t[FC1] * 100).to(torch.int8)}), ["stores parameter", FC1, "I8"]),
+], ids=["missing", "unexpected", "wrong-shape", "int8-bytes"])
 def test_source_model_must_be_complete(tiny_opt_dir, corpus_file, tmp_path, edit, words):
     src = copy(tiny_opt_dir, tmp_path / "src")
     _edit_source(src, edit)
@@ -332,10 +333,13 @@ def test_leftovers_of_killed_runs_are_removed(tiny_opt_dir, corpus_file, tmp_pat
     (tmp_path / f".s.safetensors.tmp-{dead}-abc").write_bytes(b"half a file")
     (tmp_path / f".s.safetensors.tmp-{dead}-old").mkdir()
     (tmp_path / f".s.safetensors.tmp-{alive}-xyz").write_bytes(b"a concurrent writer")
+    (tmp_path / ".s.safetensors.tmp-k2j_x9ab").write_bytes(b"an older rptq's, without a PID")
     result = run("calibrate", tiny_opt_dir, "--calib-path", corpus_file, *CALIB, "-o", out)
     assert result.exit_code == 0, result.output
     assert result.output.count("left by an earlier run that was killed") == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".s.safetensors.tmp-{alive}-xyz", "s.safetensors"]
+    assert "tmp-k2j_x9ab looks like the temporary of an earlier rptq run" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".s.safetensors.tmp-{alive}-xyz",
+                                                          ".s.safetensors.tmp-k2j_x9ab", "s.safetensors"]
 
 
 # ------------------------------------------------------------------------------------------ one line each
@@ -357,6 +361,12 @@ def test_generate_prompt_longer_than_the_positions(tiny_opt_dir):
     assert_user_error(run("generate", tiny_opt_dir, prompt), "256 positions", "shorten it")
     assert_user_error(run("generate", tiny_opt_dir, "the river " * 100, "--max-new-tokens", 250),
                       "new tokens fit", "--max-new-tokens")
+
+
+def test_sampling_on_nan_logits(tiny_opt_dir, tmp_path):
+    src = copy(tiny_opt_dir, tmp_path / "src")
+    _edit_source(src, lambda t: t["model.decoder.final_layer_norm.weight"].fill_(float("nan")))
+    assert_user_error(run("generate", src, "The river", "--temperature", 1, "--max-new-tokens", 2), "NaN")
 
 
 def test_perplexity_overflow_of_a_broken_model(tiny_opt_dir, short_text, tmp_path):
