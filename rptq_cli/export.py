@@ -4,7 +4,8 @@
       config.json            the model's HF config + quantization_config (quant_method "rptq", format version)
       model.safetensors      packed weights and every quantization parameter (sharded with an index when big)
       tokenizer files
-      rptq.json              provenance: tool version, source model and its file hashes, calibration, timings
+      rptq.json              provenance: tool version, source model and its file hashes, calibration, timings,
+                             and files_sha256: the SHA-256 of every other file here (integrity.py)
 
 Tensor names are the module paths of the quantized model (``…q_proj.qweight``, ``…self_attn_layer_norm.perm``,
 ``…self_attn.rptq.k.scale``), so the checkpoint reads like the model it loads into:
@@ -22,8 +23,9 @@ Tensor names are the module paths of the quantized model (``…q_proj.qweight``,
 | `<attn>.rptq.qk_perm` | int32 | [kv_heads, head_dim] | post-RoPE R2 gather (RoPE families) |
 | everything else (embeddings, final norm, lm_head, biases) | float16 | as in the FP model | |
 
-Writing goes to a temporary sibling directory that is renamed into place at the end; reading checks the
-format version and every tensor's presence, dtype and shape.
+Writing goes to a temporary sibling directory that is renamed into place at the end (outputs.py); reading
+checks the format version, each file's SHA-256 as recorded at write time, every tensor's presence, dtype and
+shape, and the value ranges of the quantization parameters (integrity.py).
 """
 from __future__ import annotations
 
