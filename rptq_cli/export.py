@@ -194,10 +194,11 @@ def _publish_permissions(directory: Path) -> None:
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename ``new`` to ``target``; an existing target is moved aside first and deleted after."""
     old = None
-    if target.exists():
-        old = target.with_name(f"{outputs.temporary_prefix(target)}{os.getpid()}-old")  # a stale one is found
-        os.replace(target, old)
-    os.replace(new, target)
+    with outputs.signals_deferred():  # a signal between the two renames would leave neither checkpoint in place
+        if target.exists():
+            old = target.with_name(f"{outputs.temporary_prefix(target)}{os.getpid()}-old")  # a stale one is found
+            os.replace(target, old)
+        os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

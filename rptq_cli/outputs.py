@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -142,6 +143,19 @@ def remove_stale_temporaries(output: str | os.PathLike) -> tuple[list[Path], lis
                 entry.unlink()
             removed.append(entry)
     return removed, unknown
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back during renames that must happen together; they arrive right after."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: nothing to hold them with
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:

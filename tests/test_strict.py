@@ -404,3 +404,23 @@ def test_a_bug_keeps_its_traceback_and_asks_for_a_report(tiny_opt_dir, short_tex
     assert result.exit_code == 1
     assert "Traceback" in result.output and "ZeroDivisionError: a bug" in result.output
     assert "error: this is a bug in rptq" in result.output
+
+
+def test_signals_wait_until_the_checkpoint_swap_is_complete(checkpoint, tmp_path, monkeypatch):
+    """SIGTERM between moving the old checkpoint aside and renaming the new one in would leave neither."""
+    from rptq_cli import export
+    from rptq_cli.cli import Terminated, _sigterm_as_interrupt
+    target = copy(checkpoint, tmp_path / "ckpt")
+    new = copy(checkpoint, tmp_path / "new")
+    (new / "marker").write_text("new")
+    replace = os.replace
+
+    def replace_then_terminate(src, dst):
+        replace(src, dst)
+        if Path(dst).name.endswith("-old"):  # the old checkpoint is aside, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", replace_then_terminate)
+    with _sigterm_as_interrupt(), pytest.raises(Terminated):
+        export._replace_dir(new, target)
+    assert (target / "marker").read_text() == "new"  # the swap completed before the signal was delivered
