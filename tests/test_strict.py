@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from rptq_cli import outputs
 from rptq_cli.cli import main
+from rptq_cli.errors import RptqError
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ["--nsamples", "4", "--seqlen", "32", "--seed", "0"]
@@ -186,7 +187,7 @@ def test_force_accepts_an_empty_directory_and_an_rptq_checkpoint(checkpoint, tmp
     outputs.check_output(empty, True, **ours)  # no error
     from rptq_cli.export import check_output
     check_output(checkpoint, True)
-    with pytest.raises(Exception, match="--force"):
+    with pytest.raises(RptqError, match="--force"):
         check_output(checkpoint, False)
 
 
@@ -280,6 +281,14 @@ def test_value_ranges_are_checked_even_without_hashes(checkpoint, short_text, tm
     damaged = copy(checkpoint, tmp_path / "ckpt")
     rewrite_weights(damaged, edit)
     assert_user_error(run("eval", damaged, "--data-path", short_text, "--seqlen", 32, "--no-verify"), *words)
+
+
+def test_unrecorded_weight_file_is_refused(checkpoint, tmp_path):
+    from rptq_cli.export import load_quantized
+    copied = copy(checkpoint, tmp_path / "ckpt")
+    shutil.copy(copied / "model.safetensors", copied / "model-extra.safetensors")
+    with pytest.raises(RptqError, match="model-extra.safetensors, which it did not record"):
+        load_quantized(copied)
 
 
 def test_no_verify_loads_an_unrecorded_but_sound_checkpoint(checkpoint, short_text, tmp_path):
