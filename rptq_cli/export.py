@@ -213,7 +213,11 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / INDEX_NAME
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RptqError(f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); the "
+                            "checkpoint is corrupted, re-run `rptq quantize`") from None
     elif (directory / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
