@@ -199,7 +199,7 @@ def main():
 @calib_options
 @model_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Stats file to write.")
-@click.option("--force", is_flag=True, help="Replace an existing stats file.")
+@click.option("--force", is_flag=True, help="Replace an existing stats file (only one rptq wrote).")
 @_run
 def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device, dtype, output, force):
     """Record per-channel (min, max) at every reorder point, one layer at a time."""
@@ -224,7 +224,7 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 @click.option("--data-path", "data_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Local text for the task instead of the hub (one per --task, in order).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
-@click.option("--force", is_flag=True, help="Replace an existing --json results file.")
+@click.option("--force", is_flag=True, help="Replace an existing --json results file (only one rptq wrote).")
 @verify_option
 @quant_options
 @calib_options
@@ -316,7 +316,7 @@ def _load_any(model: str, dtype, verify: bool = True):
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing rptq checkpoint (or empty) directory; never anything else.")
 @quant_options
 @calib_options
 @model_options
