@@ -316,7 +316,8 @@ def _load_any(model: str, dtype, verify: bool = True):
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
-@click.option("--force", is_flag=True, help="Replace an existing rptq checkpoint (or empty) directory; never anything else.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing rptq checkpoint (or empty) directory; never anything else.")
 @quant_options
 @calib_options
 @model_options
