@@ -268,7 +268,8 @@ def _parquet_texts(file: Path) -> list[str]:
     try:  # pyarrow's errors at the boundary: a damaged or foreign file is the user's to fix
         schema = pq.read_schema(file)
         if "text" not in schema.names:
-            raise RptqError(f'{file} has no "text" column (columns: {", ".join(schema.names)}); add one holding the text')
+            raise RptqError(f'{file} has no "text" column (columns: {", ".join(schema.names)}); '
+                            'add one holding the text')
         column_type = schema.field("text").type
         if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
             raise RptqError(f'{file}: the "text" column holds {column_type}, not strings; store the text as strings')
