@@ -309,31 +309,49 @@ def _dead_pid() -> int:
     return child.pid
 
 
-SIGTERM_DURING_SAVE = """
-import os, signal, sys
+SLOW_SAVE = """
+import sys, time
+from pathlib import Path
 from rptq_cli import export
 write_weights = export.write_weights
-def write_then_terminate(*args, **kwargs):
-    write_weights(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or `timeout` would, in the middle of the save
-export.write_weights = write_then_terminate
+def write_then_wait(tensors, directory, *args, **kwargs):
+    write_weights(tensors, directory, *args, **kwargs)  # the temporary checkpoint now holds its weights
+    Path(sys.argv[1]).write_text(str(directory))
+    time.sleep(120)  # a long save: the parent's SIGTERM arrives here
+export.write_weights = write_then_wait
 from rptq_cli.cli import main
-sys.exit(main())
+main(sys.argv[2:])
 """
 
 
 def test_sigterm_during_save_cleans_up_and_exits_143(tiny_opt_dir, corpus_file, tmp_path):
-    out = tmp_path / "ckpt"
-    args = ["quantize", str(tiny_opt_dir), *QUICK, "--calib-path", str(corpus_file), *CALIB, "-o", str(out)]
+    """`kill` (SIGTERM) from another process mid-save: exit 143, one line, no checkpoint, no temporary."""
+    import time
+    work, ready = tmp_path / "work", tmp_path / "ready"
+    work.mkdir()
+    args = ["quantize", str(tiny_opt_dir), *QUICK, "--calib-path", str(corpus_file), *CALIB, "-o", str(work / "q")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", SIGTERM_DURING_SAVE, *args], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 143, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: terminated (SIGTERM); no partial output was left"], proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor a hidden temporary
+    child = subprocess.Popen([sys.executable, "-c", SLOW_SAVE, str(ready), *args], stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, text=True, env=env, cwd=work)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), child.stderr.read() if child.poll() is not None else "the save never started"
+        temporary = Path(ready.read_text())
+        assert temporary.parent == work and temporary.name.startswith(f".q.tmp-{child.pid}-")
+        assert (temporary / "model.safetensors").exists()
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 143, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: terminated (SIGTERM); no partial output was left"], stderr
+    assert "Traceback" not in stderr
+    assert list(work.iterdir()) == []  # neither the checkpoint nor the hidden temporary
 
 
 def test_leftovers_of_killed_runs_are_removed(tiny_opt_dir, corpus_file, tmp_path):
