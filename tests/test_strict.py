@@ -33,8 +33,8 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_user_error(result, *words, code=2):
-    assert result.exit_code == code, result.output
+def assert_user_error(result, *words):
+    assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     for word in words:
