@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from . import __version__
 from .errors import RptqError
 from .models.base import Family
 from .nn.attention import AttentionQuant, use_rptq_attention
+from .outputs import atomic_write
 
 STATS_FORMAT = "rptq-stats"
 STATS_VERSION = "1"
@@ -222,15 +222,9 @@ def stats_metadata(model_name: str, config, provenance: dict) -> dict:
     return {"model": model_name, "model_type": config.model_type, "data": provenance, "tool_version": __version__}
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary sibling, then rename it over ``path``: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def is_stats_file(path: Path) -> bool:
+    """Whether ``path`` is a stats file rptq wrote (the only kind of file `calibrate --force` replaces)."""
+    with contextlib.suppress(Exception):  # anything unreadable is not ours
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == STATS_FORMAT
+    return False

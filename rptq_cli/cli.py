@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import copy
+import contextlib
 import functools
 import json
+import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import click
@@ -15,21 +18,89 @@ from .config import MODES
 from .errors import RptqError
 
 CALIB_DEFAULTS = {"nsamples": 128, "seed": 2}
+MIN_CALIB_SEQLEN = 16  # shorter windows calibrate on little more than the first tokens' outliers
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, schedulers), raised like Ctrl-C so that every cleanup path runs for it too."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(fn):
-    """User errors become one line on stderr and exit code 2, never a traceback."""
+    """User errors become one line on stderr and exit code 2, never a traceback; a bug in rptq keeps its
+    traceback and says so. SIGINT and SIGTERM stop the command, leaving no partial output (130, 143)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except RptqError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM); no partial output was left", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            click.echo("error: interrupted (SIGINT); no partial output was left", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception:
+            traceback.print_exc()
+            click.echo(f"error: this is a bug in rptq {__version__}, not a problem with your input; please report "
+                       "it with the command line and the traceback above", err=True)
+            sys.exit(1)
     return wrapper
+
+
+def _prepare_output(output, force, *, is_ours, kind, directory, sources=()) -> None:
+    """Before any work: refuse a path we may not replace, check writability, clear killed runs' leftovers."""
+    from .outputs import check_output, remove_stale_temporaries
+    check_output(output, force, is_ours=is_ours, kind=kind, directory=directory, sources=sources)
+    removed, unknown = remove_stale_temporaries(output)
+    for stale in removed:
+        click.echo(f"note: removed {stale}, left by an earlier run that was killed", err=True)
+    for other in unknown:
+        click.echo(f"note: {other} looks like the temporary of an earlier rptq run; remove it if no rptq is "
+                   f"writing {output}", err=True)
+
+
+def _is_results_json(path: Path) -> bool:
+    """A results file `rptq eval --json` wrote (the only kind of file `eval --force` replaces)."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        return isinstance(data, dict) and {"model", "quantization", "results"} <= set(data)
+    return False
+
+
+def _is_report_json(path: Path) -> bool:
+    """An error report `rptq eval --report` wrote."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        return isinstance(data, dict) and {"label", "windows", "points"} <= set(data)
+    return False
+
+
+def verify_option(fn):
+    return click.option("--no-verify", is_flag=True,
+                        help="Skip the SHA-256 check of a checkpoint's files (one extra read; slow on huge models). "
+                             "Value-range checks still run.")(fn)
 
 
 def model_options(fn):
@@ -106,6 +177,12 @@ def _calibration(tokenizer, model_config, stats, calib_dataset, calib_path, nsam
     nsamples = nsamples or recorded.get("nsamples") or CALIB_DEFAULTS["nsamples"]
     seqlen = seqlen or recorded.get("seqlen") or default_seqlen(model_config)
     seed = seed if seed is not None else recorded.get("seed", CALIB_DEFAULTS["seed"])
+    if seqlen < 2:
+        raise RptqError(f"--seqlen {seqlen} gives calibration windows of a single token, which hold no context; pass "
+                        f"--seqlen {MIN_CALIB_SEQLEN} or more (default {default_seqlen(model_config)})")
+    if seqlen < MIN_CALIB_SEQLEN:
+        click.echo(f"warning: calibration windows of {seqlen} tokens see little context; activation ranges may not "
+                   f"match real inputs (use --seqlen {MIN_CALIB_SEQLEN} or more)", err=True)
     tokens, provenance = calibration_windows(tokenizer, dataset=calib_dataset, path=calib_path,
                                              nsamples=nsamples, seqlen=seqlen, seed=seed)
     if recorded.get("sha256") and recorded.get("source") == provenance["source"] \
@@ -132,11 +209,13 @@ def main():
 @calib_options
 @model_options
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Stats file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing stats file (only one rptq wrote).")
 @_run
-def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device, dtype, output):
+def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device, dtype, output, force):
     """Record per-channel (min, max) at every reorder point, one layer at a time."""
-    from .calibrate import LayerRunner, StatsFile, collect_stats, stats_metadata
+    from .calibrate import LayerRunner, StatsFile, collect_stats, is_stats_file, stats_metadata
     from .loading import load_model, resolve_device, resolve_dtype
+    _prepare_output(output, force, is_ours=is_stats_file, kind="stats file", directory=False, sources=(model,))
     device = resolve_device(device)
     net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
     _check_seqlen(seqlen, net.config)
@@ -157,23 +236,31 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write per-quantizer error diagnostics (relative MSE, clipped tokens, extremes, KL vs FP) as JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing --json / --report file (only one rptq wrote).")
+@verify_option
 @quant_options
 @calib_options
 @model_options
 @_run
-def eval_cmd(model, tasks, data_paths, json_path, report_path, preset, wbits, abits, kv_only, mode, weight_quantizer,
-             weight_groups, clusters, no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen,
-             seed, batch_size, device, dtype):
+def eval_cmd(model, tasks, data_paths, json_path, report_path, force, no_verify, preset, wbits, abits, kv_only,
+             mode, weight_quantizer, weight_groups, clusters, no_reorder, act_clip, stats_path, calib_dataset,
+             calib_path, nsamples, seqlen, seed, batch_size, device, dtype):
     """GPTQ-protocol perplexity of an FP model or a simulated RPTQ quantization."""
     from .data import eval_tokens
     from .evaluate import perplexity
     from .loading import default_seqlen, resolve_device, resolve_dtype
     if data_paths and len(data_paths) != len(tasks):
         raise RptqError(f"{len(data_paths)} --data-path for {len(tasks)} --task; give one file per task, in order")
+    if json_path:
+        _prepare_output(json_path, force, is_ours=_is_results_json, kind="results file", directory=False,
+                        sources=(model,))
+    if report_path:
+        _prepare_output(report_path, force, is_ours=_is_report_json, kind="report file", directory=False,
+                        sources=(model,))
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
     device = resolve_device(device)
-    net, tokenizer, family = _load_any(model, resolve_dtype(dtype, device))
+    net, tokenizer, family = _load_any(model, resolve_dtype(dtype, device), verify=not no_verify)
     if family is None and config is not None:
         raise RptqError(f"{model} is already quantized; drop the quantization flags to evaluate it as it is")
     _check_seqlen(seqlen, net.config)
@@ -195,14 +282,13 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, preset, wbits, ab
     for task, r in results.items():
         click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
     if json_path:
-        payload = {"model": model, "quantization": quantization, "results": results}
-        _write_json(json_path, payload)
+        _write_json(json_path, {"model": model, "quantization": quantization, "results": results})
     if report_path:
         _write_report(report_path, net, fp_net, next(iter(texts.values())), eval_seqlen, label)
 
 
 def _write_json(path: str, payload: dict) -> None:
-    from .calibrate import atomic_write
+    from .outputs import atomic_write
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
@@ -227,6 +313,7 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
     if stats_path:
         stats = StatsFile.load(stats_path)
         stats.check_model(net.config, family, stats_path)
+    _fit_clusters(config, net.config, family)
     tokens, provenance = _calibration(tokenizer, net.config, stats, calib_dataset, calib_path, nsamples, seqlen, seed)
     report = quantize_model(net, family, tokens, config, stats=stats, device=device, batch_size=batch_size,
                             seed=provenance["seed"])
@@ -234,19 +321,37 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
             "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
 
 
-def _load_any(model: str, dtype):
+def _fit_clusters(config, model_config, family) -> None:
+    """Clamp a cluster count above its point's channels (per head for R2/R3), say so once, record what is used."""
+    from .models.base import head_layout
+    if not config.reorder:
+        return
+    heads = head_layout(family, model_config)
+    ffn = getattr(model_config, "ffn_dim", None) or getattr(model_config, "intermediate_size", None)
+    channels = {"R1": model_config.hidden_size, "R2": heads.head_dim, "R3": heads.head_dim,
+                "R4": model_config.hidden_size, "R5": ffn}
+    for point, asked in sorted(config.clusters.items()):
+        if channels.get(point) and asked > channels[point]:
+            per_head = " per head" if point in ("R2", "R3") else ""
+            click.echo(f"note: --clusters {point}={asked} exceeds the {channels[point]} channels{per_head} of {point}; "
+                       f"using {channels[point]} (recorded as such)", err=True)
+            config.clusters[point] = channels[point]
+
+
+def _load_any(model: str, dtype, verify: bool = True):
     """A packed rptq checkpoint → (model, tokenizer, None); an FP model → (model, tokenizer, family), on the CPU."""
     from .export import is_quantized_checkpoint, load_quantized
     from .loading import load_model
     if is_quantized_checkpoint(model):
-        return (*load_quantized(model, dtype=dtype), None)
+        return (*load_quantized(model, dtype=dtype, verify=verify), None)
     return load_model(model, dtype)
 
 
 @main.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Checkpoint directory.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing rptq checkpoint (or empty) directory; never anything else.")
 @quant_options
 @calib_options
 @model_options
@@ -255,10 +360,11 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
              no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
              dtype):
     """Quantize MODEL with RPTQ and write a packed checkpoint directory."""
-    from .export import check_output, save_quantized, source_hashes
+    from .export import is_quantized_checkpoint, save_quantized, source_hashes
     from .loading import load_model, resolve_device, resolve_dtype
     from .report import checkpoint_summary
-    check_output(output, force)  # before the expensive part, not only when writing
+    _prepare_output(output, force, is_ours=is_quantized_checkpoint, kind="checkpoint directory", directory=True,
+                    sources=(model,))  # before the expensive part, not only when writing
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
     if config is None:
@@ -288,9 +394,10 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int, help="Sampling seed.")
 @click.option("--verbose", "-v", is_flag=True, help="Backend, speed and KV-cache bytes per token.")
+@verify_option
 @model_options
 @_run
-def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, device, dtype):
+def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, no_verify, device, dtype):
     """Generate text from MODEL (an rptq checkpoint or an FP model) with its packed KV cache."""
     import torch
 
@@ -298,16 +405,24 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, d
     from .loading import resolve_device, resolve_dtype
     from .nn.kv_cache import PackedKVCache
     device = resolve_device(device)
-    net, tokenizer, _ = _load_any(model, resolve_dtype(dtype, device))
+    net, tokenizer, _ = _load_any(model, resolve_dtype(dtype, device), verify=not no_verify)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    _check_generation_length(inputs["input_ids"].shape[1], max_new_tokens, net.config)
     net.to(device)
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    inputs = inputs.to(device)
     cache = PackedKVCache.from_model(net, max_length=inputs["input_ids"].shape[1] + max_new_tokens)
     torch.manual_seed(seed)
     start = time.perf_counter()
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    with torch.no_grad():
-        out = net.generate(**inputs, max_new_tokens=max_new_tokens, past_key_values=cache,
-                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    try:
+        with torch.no_grad():
+            out = net.generate(**inputs, max_new_tokens=max_new_tokens, past_key_values=cache,
+                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    except RuntimeError as exc:  # torch.multinomial's word for NaN/inf logits; anything else is ours
+        if "probability tensor contains" not in str(exc):
+            raise
+        raise RptqError(f"sampling met NaN or infinite probabilities: {model} produces NaN/inf logits (broken "
+                        "weights, or an overflow in this dtype: try --dtype float32)") from None
     seconds = time.perf_counter() - start
     new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
@@ -317,6 +432,19 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, d
         if cache is not None:
             from .report import kv_bytes_line
             click.echo(kv_bytes_line(cache), err=True)
+
+
+def _check_generation_length(prompt_tokens: int, max_new_tokens: int, model_config) -> None:
+    """Prompt and new tokens must fit the model's positions; say how many do, before generating anything."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not positions or prompt_tokens + max_new_tokens <= positions:
+        return
+    if prompt_tokens >= positions:
+        raise RptqError(f"the prompt is {prompt_tokens} tokens, the model has {positions} positions; shorten it to at "
+                        f"most {positions - 1} tokens to generate anything")
+    raise RptqError(f"the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} exceed the model's "
+                    f"{positions} positions; {positions - prompt_tokens} new tokens fit: pass --max-new-tokens "
+                    f"{positions - prompt_tokens} or shorten the prompt")
 
 
 @main.command()

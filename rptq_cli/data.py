@@ -262,12 +262,22 @@ def _jsonl_texts(file: Path) -> list[str]:
 
 
 def _parquet_texts(file: Path) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(file)
-    if "text" not in schema.names:
-        raise RptqError(f'{file} has no "text" column (columns: {", ".join(schema.names)}); add one holding the text')
-    return [text for text in pq.read_table(file, columns=["text"]).column("text").to_pylist() if text is not None]
+    try:  # pyarrow's errors at the boundary: a damaged or foreign file is the user's to fix
+        schema = pq.read_schema(file)
+        if "text" not in schema.names:
+            raise RptqError(f'{file} has no "text" column (columns: {", ".join(schema.names)}); '
+                            'add one holding the text')
+        column_type = schema.field("text").type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise RptqError(f'{file}: the "text" column holds {column_type}, not strings; store the text as strings')
+        column = pq.read_table(file, columns=["text"]).column("text")
+    except (pa.ArrowException, OSError) as error:
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RptqError(f"cannot read parquet file {file} ({cause}); it is corrupted or not a parquet file") from None
+    return [text for text in column.to_pylist() if text is not None]
 
 
 def _hub_texts(split: HubSplit) -> Sequence[str]:

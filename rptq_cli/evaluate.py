@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from rptq_cli.errors import RptqError
 
+MAX_MEAN_NLL = math.log(torch.finfo(torch.float64).max)  # ≈ 709.8 nats
+
 
 def perplexity(
     model, tokens: torch.Tensor, *, seqlen: int, batch_size: int = 1, progress: bool = True, desc: str = ""
@@ -39,8 +41,11 @@ def perplexity(
                     "logits; check the model in float32, or its quantization settings"
                 )
             total_nll += nll
-    predicted_tokens = windows.shape[0] * (seqlen - 1)
-    return {"ppl": math.exp(total_nll / predicted_tokens), "windows": windows.shape[0], "seqlen": seqlen}
+    mean_nll = total_nll / (windows.shape[0] * (seqlen - 1))
+    if mean_nll > MAX_MEAN_NLL:  # math.exp would overflow; no working model is this far off
+        raise RptqError(f"the mean loss is {mean_nll:.1f} nats per token, a perplexity beyond float range: the model's "
+                        "outputs are broken (corrupted weights?); check the model in float32")
+    return {"ppl": math.exp(mean_nll), "windows": windows.shape[0], "seqlen": seqlen}
 
 
 def kl_divergence(

@@ -4,7 +4,8 @@
       config.json            the model's HF config + quantization_config (quant_method "rptq", format version)
       model.safetensors      packed weights and every quantization parameter (sharded with an index when big)
       tokenizer files
-      rptq.json              provenance: tool version, source model and its file hashes, calibration, timings
+      rptq.json              provenance: tool version, source model and its file hashes, calibration, timings,
+                             and files_sha256: the SHA-256 of every other file here (integrity.py)
 
 Tensor names are the module paths of the quantized model (``…q_proj.qweight``, ``…self_attn_layer_norm.perm``,
 ``…self_attn.rptq.k.scale``), so the checkpoint reads like the model it loads into:
@@ -22,17 +23,15 @@ Tensor names are the module paths of the quantized model (``…q_proj.qweight``,
 | `<attn>.rptq.qk_perm` | int32 | [kv_heads, head_dim] | post-RoPE R2 gather (RoPE families) |
 | everything else (embeddings, final norm, lm_head, biases) | float16 | as in the FP model | |
 
-Writing goes to a temporary sibling directory that is renamed into place at the end; reading checks the
-format version and every tensor's presence, dtype and shape.
+Writing goes to a temporary sibling directory that is renamed into place at the end (outputs.py); reading
+checks the format version, each file's SHA-256 as recorded at write time, every tensor's presence, dtype and
+shape, and the value ranges of the quantization parameters (integrity.py).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -41,22 +40,23 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import __version__
+from . import __version__, outputs
 from .config import QuantConfig
 from .errors import RptqError
+from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_sizes, check_permutation,
+                        check_same_groups, check_scales, directory_hashes, file_sha256, verify_hashes)
 from .models import Family, family_for
 from .nn.attention import AttentionQuant, use_rptq_attention
 from .nn.linear import QuantLinear
 from .nn.norm import ReorderNorm
 from .nn.quantizers import ActQuant
 from .quant.pack import pack_zeros, packed_row_bytes, unpack_zeros
+from .strict import FILE_TAG, QUANT_METHOD, quant_method, require_not_foreign_checkpoint, require_tokenizer
 
-QUANT_METHOD = "rptq"
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 4 * 1024**3
-FILE_TAG = "rptq_format_version"  # safetensors metadata key that marks our weight files
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -139,14 +139,6 @@ def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
                                                    indent=2, sort_keys=True) + "\n")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weight_files(model_name: str) -> list[Path]:
     """The weight files of a model that is a local directory (else [])."""
     path = Path(model_name)
@@ -160,18 +152,19 @@ def source_hashes(model_name: str) -> dict[str, str]:
     return {f.name: file_sha256(f) for f in weight_files(model_name)}
 
 
-def check_output(output: str | os.PathLike, force: bool) -> None:
-    if Path(output).exists() and not force:
-        raise RptqError(f"{output} already exists; pass --force to replace it or choose another -o")
+def check_output(output: str | os.PathLike, force: bool, source: str | os.PathLike | None = None) -> None:
+    """--force replaces only an rptq checkpoint (or an empty directory), never ``source``; see outputs.py."""
+    outputs.check_output(output, force, is_ours=is_quantized_checkpoint, kind="checkpoint directory",
+                         directory=True, sources=(source,))
 
 
 def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str | os.PathLike, *,
                    provenance: dict, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write the checkpoint atomically: a temporary sibling directory, renamed into place when complete."""
     output = Path(output)
-    check_output(output, force)
+    check_output(output, force, provenance.get("source_model"))
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp = outputs.temporary_dir(output)
     try:
         write_weights(checkpoint_tensors(model), tmp, max_shard_bytes)
         hf_config = model.config.to_dict()
@@ -182,8 +175,8 @@ def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str
         hf_config["torch_dtype"] = hf_config["dtype"] = "float16"
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
-        (tmp / "rptq.json").write_text(json.dumps({"tool": "rptq", "tool_version": __version__, **provenance},
-                                                  indent=2, sort_keys=True) + "\n")
+        record = {"tool": "rptq", "tool_version": __version__, **provenance, HASHES_KEY: directory_hashes(tmp)}
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         _publish_permissions(tmp)
         _replace_dir(tmp, output)
     except BaseException:
@@ -204,10 +197,11 @@ def _publish_permissions(directory: Path) -> None:
 def _replace_dir(new: Path, target: Path) -> None:
     """Rename ``new`` to ``target``; an existing target is moved aside first and deleted after."""
     old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(new, target)
+    with outputs.signals_deferred():  # a signal between the two renames would leave neither checkpoint in place
+        if target.exists():
+            old = target.with_name(f"{outputs.temporary_prefix(target)}{os.getpid()}-old")  # a stale one is found
+            os.replace(target, old)
+        os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -216,18 +210,17 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    with contextlib.suppress(ValueError, OSError):
-        return (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
-    return False
+    return quant_method(Path(path)) == QUANT_METHOD
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / INDEX_NAME
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RptqError(f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); the "
+                            "checkpoint is corrupted, re-run `rptq quantize`") from None
     elif (directory / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
@@ -271,17 +264,18 @@ class _Tensors:
         if bits >= 16:
             return None
         sizes = self.take(f"{prefix}.group_sizes", torch.int32)
+        check_group_sizes(f"{prefix}.group_sizes", sizes, channels)
         g = sizes.numel()
-        if int(sizes.sum()) != channels or bool((sizes <= 0).any()):
-            raise RptqError(f"checkpoint tensor {prefix}.group_sizes does not cover {channels} channels")
         if config.per_token(point):
             clip = self.take(f"{prefix}.clip", torch.float32, (g,))
             if not bool(((clip > 0) & (clip <= 1)).all()):
                 raise RptqError(f"checkpoint tensor {prefix}.clip holds ratios outside (0, 1]; the checkpoint is "
                                 "corrupted")
             return ActQuant.per_token(sizes, bits, clip)
-        return ActQuant(self.take(f"{prefix}.scale", torch.float32, (g,)),
-                        self.take(f"{prefix}.zero", torch.uint8, (g,)).to(torch.int32), sizes, bits)
+        scale, zero = self.take(f"{prefix}.scale", torch.float32, (g,)), self.take(f"{prefix}.zero", torch.uint8, (g,))
+        check_scales(f"{prefix}.scale", scale)
+        check_codes(f"{prefix}.zero", zero, bits)
+        return ActQuant(scale, zero.to(torch.int32), sizes, bits)
 
 
 def _load_linear(t: _Tensors, path: str, linear: nn.Module, config: QuantConfig, point: str, dtype) -> QuantLinear:
@@ -291,12 +285,12 @@ def _load_linear(t: _Tensors, path: str, linear: nn.Module, config: QuantConfig,
     if wbits >= 16:
         return QuantLinear(k, n, bits=16, bias=bias, act=act, weight=t.take(f"{path}.weight", torch.float16, (n, k)).to(dtype))
     sizes = t.take(f"{path}.group_sizes", torch.int32)
+    check_group_sizes(f"{path}.group_sizes", sizes, k)
     g = sizes.numel()
-    if int(sizes.sum()) != k or bool((sizes <= 0).any()):
-        raise RptqError(f"checkpoint tensor {path}.group_sizes does not cover the {k} input channels")
-    return QuantLinear(k, n, bits=wbits, bias=bias, act=act,
-                       qweight=t.take(f"{path}.qweight", torch.uint8, (n, packed_row_bytes(k, wbits))),
-                       scales=t.take(f"{path}.scales", torch.float16, (n, g)),
+    qweight = t.take(f"{path}.qweight", torch.uint8, (n, packed_row_bytes(k, wbits)))
+    scales = t.take(f"{path}.scales", torch.float16, (n, g))
+    check_scales(f"{path}.scales", scales)
+    return QuantLinear(k, n, bits=wbits, bias=bias, act=act, qweight=qweight, scales=scales,
                        zeros=unpack_zeros(t.take(f"{path}.zeros", torch.uint8, (packed_row_bytes(n * g, wbits),)),
                                           wbits, n, g),
                        group_sizes=sizes)
@@ -305,19 +299,26 @@ def _load_linear(t: _Tensors, path: str, linear: nn.Module, config: QuantConfig,
 def _load_norm(t: _Tensors, path: str, norm: nn.Module, rms: bool, eps: float, dtype) -> ReorderNorm:
     c = norm.weight.shape[0]
     perm = t.take(f"{path}.perm", torch.int32, (c,)).long()
-    if not torch.equal(perm.sort().values, torch.arange(c)):
-        raise RptqError(f"checkpoint tensor {path}.perm is not a permutation; the checkpoint is corrupted")
+    check_permutation(f"{path}.perm", perm)
     bias = t.take(f"{path}.bias", torch.float16, (c,)).to(dtype) if t.has(f"{path}.bias") else None
     return ReorderNorm(perm, t.take(f"{path}.weight", torch.float16, (c,)).to(dtype), bias, eps, rms)
 
 
-def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
-    """Load an rptq checkpoint → (model, tokenizer). Weights stay packed; nothing is built in fp16 first."""
+def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, verify: bool = True):
+    """Load an rptq checkpoint → (model, tokenizer). Weights stay packed; nothing is built in fp16 first.
+
+    ``verify``: compare every file with the SHA-256 recorded at write time (one extra read of the weights);
+    the value-range checks of the quantization parameters run either way.
+    """
     from .models.base import head_layout, norm_eps, replace
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise RptqError(f"{directory} is not a model directory (no config.json)")
-    raw = json.loads((directory / "config.json").read_text())
+    require_not_foreign_checkpoint(str(directory), directory)
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except ValueError as exc:
+        raise RptqError(f"{directory / 'config.json'} is not valid JSON ({exc}); the checkpoint is corrupted") from None
     qc = raw.get("quantization_config") or {}
     if qc.get("quant_method") != QUANT_METHOD:
         raise RptqError(f"{directory} is not an rptq checkpoint (no quantization_config with quant_method "
@@ -325,9 +326,15 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     if qc.get("format_version") != FORMAT_VERSION:
         raise RptqError(f"{directory} is an rptq checkpoint of format version {qc.get('format_version')}; this "
                         f"rptq {__version__} reads version {FORMAT_VERSION}: re-quantize or use a matching rptq")
+    if verify:
+        verify_hashes(directory, _provenance(directory).get(HASHES_KEY))
     config = QuantConfig.from_dict({k: v for k, v in qc.items()
                                     if k not in ("quant_method", "format_version", "packing", "label")})
-    hf_config = AutoConfig.from_pretrained(directory)
+    try:
+        hf_config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RptqError(f"cannot read the config of checkpoint {directory} ({first}); it is corrupted") from None
     family: Family = family_for(hf_config)
     tensors = _Tensors(_read_tensors(directory), directory)
     with torch.device("meta"):
@@ -339,12 +346,15 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         for path, point in family.linear_inputs():
             replace(layer, path, _load_linear(tensors, prefix + path, layer.get_submodule(path), config, point,
                                               dtype))
+        _check_layer_groups(layer, prefix, family, config)
         for path in (family.attn_norm, family.mlp_norm):
             norm = layer.get_submodule(path)
             replace(layer, path, _load_norm(tensors, prefix + path, norm, rms, norm_eps(norm), dtype))
         a = prefix + family.attn + ".rptq"
         qk_perm = (tensors.take(f"{a}.qk_perm", torch.int32, (heads.n_kv, heads.head_dim)).long()
                    if family.rope else None)
+        if qk_perm is not None:
+            check_permutation(f"{a}.qk_perm", qk_perm)
         q_ch, kv_ch = heads.n_heads * heads.head_dim, heads.n_kv * heads.head_dim
         layer.get_submodule(family.attn).rptq = AttentionQuant(
             qk_perm=qk_perm, q=tensors.act(f"{a}.q", q_ch, config, "q"),
@@ -357,8 +367,46 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise RptqError(f"cannot load the tokenizer of {directory} ({exc}); copy the tokenizer files into it") from None
+    require_tokenizer(tokenizer, str(directory))
     model.rptq_config = config
     return model, tokenizer
+
+
+def _provenance(directory: Path) -> dict:
+    file = directory / PROVENANCE_NAME
+    if not file.is_file():
+        return {}
+    try:
+        record = json.loads(file.read_text())
+    except ValueError as exc:
+        raise RptqError(f"{file} is not valid JSON ({exc}); the checkpoint is corrupted") from None
+    return record if isinstance(record, dict) else {}
+
+
+# global reorder points: their linears' weight groups are that point's clusters (at most that many)
+GLOBAL_POINT_CLUSTERS = {"x1": "R1", "x2": "R4", "down_in": "R5"}
+
+
+def _check_layer_groups(layer: nn.Module, prefix: str, family: Family, config: QuantConfig) -> None:
+    """Weight groups agree with what the config records and with every other tensor reading the same input."""
+    from .quant.weights import weight_group_sizes
+    first_of_point: dict[str, tuple[str, torch.Tensor]] = {}
+    for path, point in family.linear_inputs():
+        linear, name = layer.get_submodule(path), f"{prefix}{path}.group_sizes"
+        if linear.bits >= 16:
+            continue
+        sizes = linear.group_sizes
+        if config.weight_groups != "cluster":
+            check_same_groups(name, sizes, f"--weight-groups {config.weight_groups}",
+                              weight_group_sizes(linear.in_features, config.weight_groups))
+            continue
+        if point in GLOBAL_POINT_CLUSTERS:
+            max_groups = config.clusters[GLOBAL_POINT_CLUSTERS[point]] if config.reorder else 1
+            check_group_sizes(name, sizes, linear.in_features, max_groups)
+        if linear.act is not None:
+            check_same_groups(name, sizes, f"{prefix}{path}.act.group_sizes", linear.act.group_sizes)
+        reference = first_of_point.setdefault(point, (name, sizes))
+        check_same_groups(name, sizes, *reference)
 
 
 def _load_remaining(model: nn.Module, tensors: _Tensors, dtype, directory: Path) -> None:

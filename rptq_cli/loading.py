@@ -1,14 +1,17 @@
 """Models in: a hub id or a local directory → (model, tokenizer, family), with errors a user can act on."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .errors import RptqError
 from .gguf_source import resolve_gguf
 from .models import Family, family_for
+from .strict import require_complete, require_float_weights, require_fp_source, require_tokenizer
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -56,18 +59,37 @@ def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.
     """The FP model on the CPU in ``dtype``, its tokenizer and its family adapter (a ``.gguf`` file is read
     through its dequantized fp16 copy in the cache)."""
     name = resolve_gguf(name)
+    local = Path(name).expanduser() if _looks_local(name) else None
+    require_fp_source(name, local)
     config = load_config(name)
     family = family_for(config)
-    path = str(Path(name).expanduser()) if _looks_local(name) else name
+    path = str(local) if local is not None else name
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with quiet_transformers():  # its load report would add lines; require_complete says what matters
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise RptqError(f"cannot load model {name!r}: {first}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RptqError(f"cannot load model {name!r}: {first}; the files are truncated, corrupted or missing") from None
+    require_complete(info, name)
+    require_float_weights(local, {key for key, _ in model.named_parameters()}, name)
+    require_tokenizer(tokenizer, name)
     model.eval()
     model.config.use_cache = True
     return model, tokenizer, family
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' logging for the duration (our own checks report what went wrong)."""
+    from transformers.utils import logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def default_seqlen(config) -> int:
