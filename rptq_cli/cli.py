@@ -447,6 +447,51 @@ def _check_generation_length(prompt_tokens: int, max_new_tokens: int, model_conf
                     f"{positions - prompt_tokens} or shorten the prompt")
 
 
+def _is_memory_json(path: Path) -> bool:
+    """A file `rptq memory --json` wrote."""
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        return isinstance(data, dict) and {"model", "shape", "columns"} <= set(data)
+    return False
+
+
+@main.command()
+@click.argument("model")
+@click.option("--config", "preset", default=None, help="Preset from configs/ [the paper's: w4a16 w4a8 w4a4kv w4a3kv w3a3kv].")
+@click.option("--wbits", type=int, default=None, help="Weight bits: 2, 3, 4, 8 or 16.")
+@click.option("--abits", type=int, default=None, help="Activation bits: 3, 4, 8 or 16.")
+@click.option("--kv-only", is_flag=True, default=None, help="Quantize only K and V at --abits.")
+@click.option("--mode", type=click.Choice(list(MODES)), default=None, help="Activation mode (see quantize).")
+@click.option("--weight-quantizer", type=click.Choice(["gptq", "rtn"]), default=None)
+@click.option("--weight-groups", default=None, help="cluster (default), channel or a group size like 128.")
+@click.option("--clusters", default=None, help="Clusters per point, e.g. R1=32,R2=4,R3=4,R4=32,R5=32.")
+@click.option("--no-reorder", is_flag=True, default=False, help="One cluster per point.")
+@click.option("--act-clip", type=click.Choice(["minmax", "mse"]), default=None)
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Sequences of the KV cache.")
+@click.option("--seqlen", default=2048, show_default=True, type=click.IntRange(1), help="Tokens per sequence.")
+@click.option("--nsamples", default=CALIB_DEFAULTS["nsamples"], show_default=True, type=click.IntRange(1),
+              help="Calibration windows of `rptq quantize`.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures (bytes).")
+@click.option("--force", is_flag=True, help="Replace an existing --json file (only one rptq memory wrote).")
+@_run
+def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
+           act_clip, batch, seqlen, nsamples, json_path, force):
+    """Predict MODEL's memory from its config.json alone: weights, KV cache, peaks of quantize and of running."""
+    from .config import build_config
+    from .memory import PAPER_PRESETS, format_report, memory_report, read_config
+    if json_path:
+        _prepare_output(json_path, force, is_ours=_is_memory_json, kind="memory JSON", directory=False)
+    config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
+                           no_reorder, act_clip)
+    if config is None and (preset or wbits or abits):
+        raise RptqError("nothing is quantized with these settings: give --wbits/--abits below 16")
+    configs = {config.label: config} if config else {build_config(p).label: build_config(p) for p in PAPER_PRESETS}
+    report = memory_report(read_config(model), configs, batch, seqlen, nsamples, source=model)
+    click.echo(format_report(report))
+    if json_path:
+        _write_json(json_path, report)
+
+
 @main.command()
 @click.option("--quick", is_flag=True, help="Fewer shapes and repeats (about a minute).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON.")
