@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +111,7 @@ def read_config(model: str) -> dict:
 
 
 def _hub_config(model: str) -> Path:
-    if model.endswith(".json") or os.sep in model.rstrip("/").split("/", 1)[-1] or model.count("/") > 1:
+    if model.endswith(".json") or model.startswith((".", "/", "~")) or model.count("/") > 1:  # not a hub id
         raise RptqError(f"{model} does not exist; give a model directory, a config.json or a hub id")
     from huggingface_hub import hf_hub_download
     try:
@@ -427,11 +426,14 @@ def memory_report(raw: dict, configs: dict[str, QuantConfig], batch: int, seqlen
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.2f}" if n >= GiB // 100 or n == 0 else f"{n / 2**20:.2f}M"
+    """GiB; a figure under 0.01 GiB in MiB (M) or KiB (K), so that no non-zero figure reads 0.00."""
+    if n >= GiB // 100 or n == 0:
+        return f"{n / GiB:.2f}"
+    return f"{n / 2**20:.2f}M" if n >= 2**20 // 100 else f"{n / 1024:.2f}K"
 
 
 def format_report(report: dict) -> str:
-    """The report as a fixed-width table, GiB (2^30 bytes); values under 0.01 GiB in MiB with an M."""
+    """The report as a fixed-width table, GiB (2^30 bytes); smaller ones in MiB (M) or KiB (K)."""
     s, cols = report["shape"], report["columns"]
     labels = list(cols)
     width = max(12, *(len(l) + 2 for l in labels))
