@@ -302,8 +302,9 @@ def forward_bytes(shapes: Shapes, batch: int, seqlen: int, dtype_bytes: int = 4)
 
 
 def observer_bytes(shapes: Shapes, config: QuantConfig, nsamples: int, seqlen: int) -> int:
-    """Token rows the MSE clip search keeps per activation point (ChannelObserver), f32."""
-    if config.act_clip != "mse" or not config.quantizes_acts:
+    """Token rows the MSE clip search keeps per activation point (ChannelObserver), f32. quantize keeps them
+    whenever --act-clip is mse, also for a weight-only config."""
+    if config.act_clip != "mse":
         return 0
     rows = min(CLIP_SAMPLE_ROWS, nsamples * seqlen)
     hd = shapes.head_dim
