@@ -43,6 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from . import __version__, outputs
 from .config import QuantConfig
 from .errors import RptqError
+from .hf_hook import NEEDS_IMPORT
 from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_sizes, check_permutation,
                         check_same_groups, check_scales, directory_hashes, file_sha256, verify_hashes)
 from .models import Family, family_for
@@ -173,6 +174,7 @@ def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str
                                             "packing": "block_q{bits} (rptq_cli/quant/pack.py)",
                                             "label": config.label, **config.to_dict()}
         hf_config["torch_dtype"] = hf_config["dtype"] = "float16"
+        hf_config["transformers_weights"] = NEEDS_IMPORT  # plain transformers stops instead of loading it as FP
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
         record = {"tool": "rptq", "tool_version": __version__, **provenance, HASHES_KEY: directory_hashes(tmp)}
