@@ -474,6 +474,26 @@ def _check_generation_length(prompt_tokens: int, max_new_tokens: int, model_conf
 
 
 @main.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", required=True, type=click.Choice(["compressed-tensors"]),
+              help="compressed-tensors: pack-quantized, for transformers and vLLM (weight-only checkpoints).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing export directory (only one rptq wrote).")
+@verify_option
+@_run
+def export(checkpoint, fmt, output, force, no_verify):
+    """Export a weight-only rptq CHECKPOINT (W4A16, W3A16, W8A16) to another runtime's format."""
+    from .ct_export import export_compressed_tensors
+    from .export import is_quantized_checkpoint
+    if not is_quantized_checkpoint(checkpoint):
+        raise RptqError(f"{checkpoint} is not an rptq checkpoint; make one with `rptq quantize MODEL -o DIR`")
+    summary = export_compressed_tensors(checkpoint, output, force=force, verify=not no_verify)
+    groups = "per channel" if summary["group_size"] is None else (
+        f"groups of {summary['group_size']}" + (" (act-order, g_idx)" if summary["actorder"] else ""))
+    click.echo(f"wrote {output}: compressed-tensors pack-quantized, {summary['bits']}-bit, {groups}")
+
+
+@main.command()
 @click.option("--quick", is_flag=True, help="Fewer shapes and repeats (about a minute).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch and kernel threads [all cores].")
