@@ -14,3 +14,17 @@ def load_quantized(path, **kwargs):
     """Load an rptq checkpoint directory → ``(model, tokenizer)`` (see :func:`rptq_cli.export.load_quantized`)."""
     from .export import load_quantized as _load
     return _load(path, **kwargs)
+
+
+def __getattr__(name):
+    # lazy: `import rptq_cli` must not import torch (every `rptq` command starts with it)
+    if name == "PackedKVCache":
+        from .nn.kv_cache import PackedKVCache
+        return PackedKVCache
+    raise AttributeError(f"module 'rptq_cli' has no attribute {name!r}")
+
+
+# AutoModelForCausalLM.from_pretrained(rptq checkpoint): registered when transformers loads (hf_integration.py)
+from .hf_hook import install as _install_hf_hook  # noqa: E402
+
+_install_hf_hook()

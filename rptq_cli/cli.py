@@ -198,7 +198,20 @@ def _check_seqlen(seqlen, model_config):
         raise RptqError(f"--seqlen {seqlen} exceeds the model's {max_pos} positions; use --seqlen {max_pos} or less")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _RecordingGroup(click.Group):
+    """Keeps the arguments as given (ctx.meta["argv"]): checkpoints and model cards record the exact command."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["argv"] = [str(a) for a in args]
+        return super().parse_args(ctx, args)
+
+
+def _command_line() -> str:
+    from .model_card import command_line
+    return command_line(click.get_current_context().meta.get("argv"))
+
+
+@click.group(cls=_RecordingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="rptq")
 def main():
     """RPTQ: reorder-based post-training quantization of LLMs, run on real packed kernels."""
@@ -283,8 +296,21 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, no_verify,
         click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
     if json_path:
         _write_json(json_path, {"model": model, "quantization": quantization, "results": results})
+    if family is None:
+        _record_evaluation(model, results, dict(zip(tasks, data_paths or tasks)), net, kernels.backend(device))
     if report_path:
         _write_report(report_path, net, fp_net, next(iter(texts.values())), eval_seqlen, label)
+
+
+def _record_evaluation(checkpoint: str, results: dict, data: dict, net, backend: str) -> None:
+    """Append the results to the checkpoint's rptq.json and model card (a read-only checkpoint is left as is)."""
+    from .model_card import record_evaluation, utc_now
+    entry = {"date": utc_now(), "command": _command_line(), "tool_version": __version__, "results": results,
+             "data": data, "dtype": str(next(net.parameters()).dtype).removeprefix("torch."), "backend": backend}
+    try:
+        record_evaluation(Path(checkpoint), entry)
+    except OSError as exc:
+        click.echo(f"note: the results were not recorded in {checkpoint} ({exc.strerror or exc})", err=True)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -377,7 +403,7 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
     quantization = _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path,
                                        nsamples, seqlen, seed, batch_size, device)
     start = time.perf_counter()
-    provenance = {"source_model": model, "source_files_sha256": source_hashes(model),
+    provenance = {"source_model": model, "source_files_sha256": source_hashes(model), "command": _command_line(),
                   "calibration": quantization["calibration"], "stats_file": stats_path,
                   "seconds": {"load": round(load_seconds, 3), **quantization["seconds"]}}
     save_quantized(net.cpu(), tokenizer, config, output, provenance=provenance, force=force)
@@ -490,6 +516,26 @@ def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_
     click.echo(format_report(report))
     if json_path:
         _write_json(json_path, report)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--format", "fmt", required=True, type=click.Choice(["compressed-tensors"]),
+              help="compressed-tensors: pack-quantized, for transformers and vLLM (weight-only checkpoints).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing export directory (only one rptq wrote).")
+@verify_option
+@_run
+def export(checkpoint, fmt, output, force, no_verify):
+    """Export a weight-only rptq CHECKPOINT (W4A16, W3A16, W8A16) to another runtime's format."""
+    from .ct_export import export_compressed_tensors
+    from .export import is_quantized_checkpoint
+    if not is_quantized_checkpoint(checkpoint):
+        raise RptqError(f"{checkpoint} is not an rptq checkpoint; make one with `rptq quantize MODEL -o DIR`")
+    summary = export_compressed_tensors(checkpoint, output, force=force, verify=not no_verify)
+    groups = "per channel" if summary["group_size"] is None else (
+        f"groups of {summary['group_size']}" + (" (act-order, g_idx)" if summary["actorder"] else ""))
+    click.echo(f"wrote {output}: compressed-tensors pack-quantized, {summary['bits']}-bit, {groups}")
 
 
 @main.command()

@@ -43,8 +43,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from . import __version__, outputs
 from .config import QuantConfig
 from .errors import RptqError
+from .hf_hook import NEEDS_IMPORT
 from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_sizes, check_permutation,
                         check_same_groups, check_scales, directory_hashes, file_sha256, verify_hashes)
+from .model_card import write_card
 from .models import Family, family_for
 from .nn.attention import AttentionQuant, use_rptq_attention
 from .nn.linear import QuantLinear
@@ -173,10 +175,12 @@ def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str
                                             "packing": "block_q{bits} (rptq_cli/quant/pack.py)",
                                             "label": config.label, **config.to_dict()}
         hf_config["torch_dtype"] = hf_config["dtype"] = "float16"
+        hf_config["transformers_weights"] = NEEDS_IMPORT  # plain transformers stops instead of loading it as FP
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
         record = {"tool": "rptq", "tool_version": __version__, **provenance, HASHES_KEY: directory_hashes(tmp)}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_card(tmp, name=output.name)
         _publish_permissions(tmp)
         _replace_dir(tmp, output)
     except BaseException:
