@@ -511,7 +511,14 @@ def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_
                            no_reorder, act_clip)
     if config is None and (preset or wbits or abits):
         raise RptqError("nothing is quantized with these settings: give --wbits/--abits below 16")
-    configs = {config.label: config} if config else {build_config(p).label: build_config(p) for p in PAPER_PRESETS}
+    if config is None:  # the paper's columns, with whatever other flags were given
+        from .config import parse_clusters
+        given = dict(mode=mode, weight_quantizer=weight_quantizer, weight_groups=weight_groups,
+                     clusters=parse_clusters(clusters) if clusters else None,
+                     reorder=False if no_reorder else None, act_clip=act_clip)
+        configs = {c.label: c for c in (build_config(p, **given) for p in PAPER_PRESETS)}
+    else:
+        configs = {config.label: config}
     report = memory_report(read_config(model), configs, batch, seqlen, nsamples, source=model)
     click.echo(format_report(report))
     if json_path:

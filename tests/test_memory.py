@@ -181,6 +181,12 @@ def test_cli_table_for_a_local_config(tmp_path):
     assert data["columns"]["FP16"]["weights"] == 2 * shapes.params
     result = run(tmp_path / "m" / "config.json", "--wbits", "3", "--weight-groups", "32")  # a config.json path
     assert result.exit_code == 0 and "W3A16" in result.output, result.output
+    result = run(tmp_path / "m", "--weight-groups", "32", "--json", tmp_path / "o.json", "--force")  # paper's columns
+    assert result.exit_code == 0, result.output
+    columns = json.loads((tmp_path / "o.json").read_text())["columns"]
+    assert {"FP16", "W4A16", "W4A4KV", "W3A3KV"} <= set(columns)
+    assert json.loads((tmp_path / "o.json").read_text())["configs"]["W4A16"]["weight_groups"] == 32
+    assert_user_error(run(tmp_path / "m", "--json", tmp_path / "m" / "config.json"), "config.json")  # not ours
 
 
 @pytest.mark.parametrize("name", ["llama-70b", "opt-66b"])
