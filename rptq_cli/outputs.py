@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -147,15 +148,23 @@ def remove_stale_temporaries(output: str | os.PathLike) -> tuple[list[Path], lis
 
 @contextlib.contextmanager
 def signals_deferred():
-    """Hold SIGINT and SIGTERM back during renames that must happen together; they arrive right after."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: nothing to hold them with
+    """Hold SIGINT and SIGTERM back during renames that must happen together; they arrive right after.
+
+    The handlers are swapped, not the signal mask: a mask is per thread, and with torch's worker threads
+    running the kernel may hand the signal to one of them, whose Python handler then still runs here."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum)) for signum in held}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
