@@ -1,0 +1,143 @@
+"""Layer streaming (issue 11): the FP model is read tensor by tensor from its safetensors shards, the packed
+checkpoint is written shard by shard, and both give exactly what the whole-model paths gave."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rptq_cli.errors import RptqError
+from rptq_cli.loading import INDEX_NAME, WeightFiles, load_model, open_model
+from tiny import build_model, build_tokenizer
+
+FAMILIES = {"opt": {}, "llama": {"heads": 4, "kv_heads": 2}, "qwen2": {"heads": 4, "kv_heads": 2}}
+
+
+def save_sharded(path: Path, family: str, max_shard_size: str = "20KB", **cfg) -> Path:
+    """A tiny model written by transformers in several shards with their index."""
+    tok = build_tokenizer()
+    model = build_model(family, vocab=len(tok), **{**FAMILIES[family], **cfg})
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def sharded(request, tmp_path_factory):
+    return save_sharded(tmp_path_factory.mktemp(f"sharded-{request.param}"), request.param)
+
+
+def test_sharded_source_is_sharded(sharded):
+    index = json.loads((sharded / INDEX_NAME).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_streamed_load_equals_transformers(sharded, dtype):
+    """Same tensors, dtypes, tied embeddings, computed buffers (RoPE inv_freq) and logits as from_pretrained."""
+    reference = AutoModelForCausalLM.from_pretrained(sharded, dtype=dtype).eval()
+    model, _, _ = load_model(str(sharded), dtype)
+    assert list(model.state_dict()) == list(reference.state_dict())
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    buffers = dict(reference.named_buffers())
+    for name, b in model.named_buffers():
+        assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    tokens = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reference(tokens).logits)
+
+
+def test_materialize_and_release_one_layer(sharded):
+    streamed = open_model(str(sharded))
+    assert all(p.device.type == "meta" for p in streamed.model.parameters())
+    prefix = f"{streamed.family.layers}.1"
+    layer = streamed.materialize(prefix)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in layer.parameters())
+    others = [p for n, p in streamed.model.named_parameters() if not n.startswith(prefix + ".")]
+    assert others and all(p.device.type == "meta" for p in others)
+    streamed.release(prefix)
+    assert all(p.device.type == "meta" for p in layer.parameters())
+    assert streamed.materialize(prefix) is layer and all(p.device.type == "cpu" for p in layer.parameters())
+
+
+def test_reads_one_tensor_at_a_time(sharded, monkeypatch):
+    """Never the whole file: safetensors' load_file is not used, and each read returns one tensor."""
+    import safetensors.torch
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("read a whole file"))
+    files = WeightFiles(sharded)
+    key = sorted(files.names())[0]
+    assert tuple(files.read(key).shape) == files.shape_of[key]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture()
+def damaged(sharded, tmp_path):
+    return Path(shutil.copytree(sharded, tmp_path / "model"))
+
+
+def _index(directory: Path) -> dict:
+    return json.loads((directory / INDEX_NAME).read_text())
+
+
+def _one_line_error(directory: Path, *words):
+    with pytest.raises(RptqError) as info:
+        load_model(str(directory))
+    message = str(info.value)
+    assert "\n" not in message, message
+    for word in words:
+        assert word in message, message
+
+
+def test_missing_shard(damaged):
+    shard = sorted(set(_index(damaged)["weight_map"].values()))[-1]
+    (damaged / shard).unlink()
+    _one_line_error(damaged, shard, "is missing")
+
+
+def test_truncated_shard(damaged):
+    shard = sorted(set(_index(damaged)["weight_map"].values()))[0]
+    data = (damaged / shard).read_bytes()
+    (damaged / shard).write_bytes(data[: len(data) // 2])
+    _one_line_error(damaged, shard, "truncated")
+
+
+def test_index_names_a_tensor_no_shard_holds(damaged):
+    index = _index(damaged)
+    shard = next(iter(index["weight_map"].values()))
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = shard
+    (damaged / INDEX_NAME).write_text(json.dumps(index))
+    _one_line_error(damaged, "model.layers.9.mlp.up_proj.weight", shard, "does not hold it")
+
+
+def test_index_missing_a_tensor_is_refused(damaged):
+    index = _index(damaged)
+    key = sorted(index["weight_map"])[-1]
+    del index["weight_map"][key]
+    (damaged / INDEX_NAME).write_text(json.dumps(index))
+    _one_line_error(damaged, key, "missing", "nothing was initialized at random")
+
+
+def test_bin_only_directory(damaged):
+    for f in [*damaged.glob("*.safetensors"), damaged / INDEX_NAME]:
+        f.unlink()
+    (damaged / "pytorch_model.bin").write_bytes(b"\0" * 16)
+    _one_line_error(damaged, ".bin", "safetensors")
+
+
+def test_cli_exit_code_for_bad_shard(damaged, tmp_path):
+    from click.testing import CliRunner
+    from rptq_cli.cli import main
+    shard = sorted(set(_index(damaged)["weight_map"].values()))[-1]
+    (damaged / shard).unlink()
+    text = tmp_path / "t.txt"
+    text.write_text("The river flows. " * 50)
+    result = CliRunner().invoke(main, ["eval", str(damaged), "--data-path", str(text), "--seqlen", "32"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and shard in errors[0] and "Traceback" not in result.output, result.output
