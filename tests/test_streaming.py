@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from rptq_cli import export
+from rptq_cli.config import QuantConfig
 from rptq_cli.errors import RptqError
 from rptq_cli.loading import INDEX_NAME, WeightFiles, load_model, open_model
 from tiny import build_model, build_tokenizer
@@ -141,3 +144,97 @@ def test_cli_exit_code_for_bad_shard(damaged, tmp_path):
     assert result.exit_code == 2, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and shard in errors[0] and "Traceback" not in result.output, result.output
+
+
+# ------------------------------------------------------------------------------------------ shard writer
+
+
+def _all_dtype_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, dtype in enumerate(export.SAFETENSORS_DTYPES):
+        if dtype in (torch.uint16, torch.uint32, torch.uint64):
+            values = torch.randint(0, 200, (3, 5), generator=g).to(dtype)
+        else:
+            values = (torch.randn(3, 5, generator=g) * 50).to(dtype)
+        tensors[f"t{(7 * i) % 11}.{dtype}".replace("torch.", "")] = values
+    tensors.update({"scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4, dtype=torch.int32),
+                    "layers.0.a": torch.arange(7, dtype=torch.float16), "layers.0.b": torch.arange(3, dtype=torch.float16),
+                    "noncontiguous": torch.randn(4, 6, generator=g).T})
+    return tensors
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed"])
+def test_writer_bytes_equal_save_file(tmp_path, order):
+    """One shard: the same bytes as safetensors' save_file for the same tensors, whatever the arrival order."""
+    tensors = _all_dtype_tensors()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "reference.safetensors",
+              metadata={export.FILE_TAG: "1"})
+    (tmp_path / "new").mkdir()
+    writer = export.ShardWriter(tmp_path / "new", metadata={export.FILE_TAG: "1"})
+    for key in sorted(tensors, reverse=order == "reversed"):
+        writer.add(key, tensors[key])
+    assert writer.finish() == [tmp_path / "new" / export.WEIGHTS_NAME]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [export.WEIGHTS_NAME]  # no spill left
+    assert (tmp_path / "new" / export.WEIGHTS_NAME).read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+
+
+def test_writer_shards_like_transformers(tmp_path):
+    """Several shards: transformers' names and index, each shard the bytes save_file writes for its tensors."""
+    tensors = {f"layers.{i}.w": torch.full((64,), float(i)) for i in range(10)}  # 256 bytes each
+    writer = export.ShardWriter(tmp_path, max_shard_bytes=600)
+    for key, value in tensors.items():
+        writer.add(key, value)
+    files = writer.finish()
+    assert [f.name for f in files] == [f"model-0000{i}-of-00005.safetensors" for i in range(1, 6)]
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert index["metadata"]["total_size"] == 10 * 256
+    assert index["weight_map"]["layers.0.w"] == "model-00001-of-00005.safetensors"
+    assert index["weight_map"]["layers.9.w"] == "model-00005-of-00005.safetensors"
+    for file in files:
+        held = {k: tensors[k] for k, f in index["weight_map"].items() if f == file.name}
+        save_file(held, tmp_path / "reference")
+        assert file.read_bytes() == (tmp_path / "reference").read_bytes()
+    files = WeightFiles(tmp_path)
+    assert all(torch.equal(files.read(k), v) for k, v in tensors.items())
+
+
+def test_checkpoint_bytes_unchanged(tmp_path):
+    """save_quantized writes what save_file wrote for the whole dict before the streaming writer."""
+    from test_export import SMALL, save, simulated
+    config = QuantConfig(wbits=4, abits=4, clusters=SMALL)
+    model, tok = simulated("llama", config, hidden=64, heads=4, kv_heads=2, ffn=96)
+    save(model, tok, config, tmp_path / "q")
+    save_file(export.checkpoint_tensors(model), tmp_path / "reference", metadata={export.FILE_TAG: "1"})
+    assert (tmp_path / "q" / export.WEIGHTS_NAME).read_bytes() == (tmp_path / "reference").read_bytes()
+
+
+def test_sharded_checkpoint_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """load_quantized takes each tensor from its shard when it needs it, never a whole file."""
+    from test_export import SMALL, save, simulated
+    import safetensors.torch
+    config = QuantConfig(wbits=4, abits=8, clusters=SMALL)
+    model, tok = simulated("opt", config, hidden=64, heads=2)
+    save(model, tok, config, tmp_path / "q", max_shard_bytes=20_000)
+    assert not (tmp_path / "q" / export.WEIGHTS_NAME).exists()
+    assert not any(p.name.startswith(".") for p in (tmp_path / "q").iterdir())
+    monkeypatch.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("read a whole file"))
+    reads = []
+    real_read = WeightFiles.read
+    monkeypatch.setattr(WeightFiles, "read", lambda self, key: reads.append(key) or real_read(self, key))
+    loaded, _ = export.load_quantized(tmp_path / "q")
+    assert len(reads) == len(set(reads)) == len(WeightFiles(tmp_path / "q").names())
+    tokens = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_checkpoint_with_missing_shard(tmp_path):
+    from test_export import SMALL, save, simulated
+    config = QuantConfig(wbits=4, abits=8, clusters=SMALL)
+    model, tok = simulated("opt", config, hidden=64, heads=2)
+    save(model, tok, config, tmp_path / "q", max_shard_bytes=20_000)
+    shard = sorted((tmp_path / "q").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(RptqError, match=f"{shard.name} named in .* is missing"):
+        export.load_quantized(tmp_path / "q", verify=False)
