@@ -68,11 +68,16 @@ def _act_tensors(prefix: str, act: ActQuant) -> dict[str, torch.Tensor]:
             f"{prefix}.group_sizes": act.group_sizes.to(torch.int32)}
 
 
-def iter_checkpoint_tensors(model: nn.Module):
+def iter_checkpoint_tensors(model: nn.Module, skip: tuple[str, ...] = ()):
     """Yield ``(name, tensor)`` for every tensor of a quantized model in its on-disk dtype, module by module
-    (decoder layers in order, then embeddings, final norm, lm_head), so a writer can take one at a time."""
-    owned: list[str] = []
+    (decoder layers in order, then embeddings, final norm, lm_head), so a writer can take one at a time.
+
+    ``skip``: name prefixes ("model.layers.0.") already written (and maybe released to the meta device).
+    """
+    owned: list[str] = list(skip)
     for name, module in model.named_modules():
+        if any(f"{name}.".startswith(s) for s in skip):
+            continue
         tensors = _module_tensors(f"{name}.", module)
         if tensors is not None:
             owned.append(f"{name}.")
@@ -217,11 +222,17 @@ class ShardWriter:
             self.spill = None
 
 
-def write_weights(tensors, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write ``tensors`` (a dict, taken in sorted name order, or ``(name, tensor)`` pairs, taken as they come)
-    as safetensors shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own)."""
+def _file_metadata() -> dict[str, str]:
     # one key only: safetensors writes its metadata map in hash order, and equal inputs must give equal bytes
-    writer = ShardWriter(directory, max_shard_bytes, {FILE_TAG: str(FORMAT_VERSION)})
+    return {FILE_TAG: str(FORMAT_VERSION)}
+
+
+def write_weights(tensors, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+                  shards: ShardWriter | None = None) -> None:
+    """Write ``tensors`` (a dict, taken in sorted name order, or ``(name, tensor)`` pairs, taken as they come)
+    as safetensors shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own), after
+    what ``shards`` (a writer fed while the model was quantized) already holds."""
+    writer = shards if shards is not None else ShardWriter(directory, max_shard_bytes, _file_metadata())
     items = ((key, tensors[key]) for key in sorted(tensors)) if isinstance(tensors, dict) else tensors
     try:
         for key, tensor in items:
@@ -250,15 +261,54 @@ def check_output(output: str | os.PathLike, force: bool, source: str | os.PathLi
                          directory=True, sources=(source,))
 
 
+class CheckpointWriter:
+    """A checkpoint's weights written while the model is quantized: each decoder layer packed into the shards
+    as soon as it is done (:meth:`add_module`), in the temporary directory that :func:`save_quantized` then
+    completes (embeddings, head, config, tokenizer, provenance) and renames into place. Used as a context
+    manager, it removes that directory when the block fails."""
+
+    def __init__(self, output: str | os.PathLike, *, force: bool = False, source: str | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES):
+        output = Path(output)
+        check_output(output, force, source)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.directory = outputs.temporary_dir(output)
+        self.shards = ShardWriter(self.directory, max_shard_bytes, _file_metadata())
+        self.written: tuple[str, ...] = ()  # module prefixes whose tensors are in the shards
+
+    def add_module(self, module: nn.Module, prefix: str) -> None:
+        """Pack every tensor of ``module`` (a quantized decoder layer) under ``prefix`` ("model.layers.3")."""
+        for name, tensor in iter_checkpoint_tensors(module):
+            self.shards.add(f"{prefix}.{name}", tensor)
+        self.written += (f"{prefix}.",)
+
+    def abort(self) -> None:
+        self.shards.abort()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.abort()
+
+
 def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str | os.PathLike, *,
-                   provenance: dict, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write the checkpoint atomically: a temporary sibling directory, renamed into place when complete."""
+                   provenance: dict, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                   writer: CheckpointWriter | None = None) -> Path:
+    """Write the checkpoint atomically: a temporary sibling directory, renamed into place when complete.
+
+    ``writer``: the :class:`CheckpointWriter` the layers were packed into as they were quantized (they may be
+    released from ``model`` since); without one, every tensor of ``model`` is written here.
+    """
     output = Path(output)
-    check_output(output, force, provenance.get("source_model"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outputs.temporary_dir(output)
+    if writer is None:
+        writer = CheckpointWriter(output, force=force, source=provenance.get("source_model"),
+                                  max_shard_bytes=max_shard_bytes)
+    tmp = writer.directory
     try:
-        write_weights(iter_checkpoint_tensors(model), tmp, max_shard_bytes)
+        write_weights(iter_checkpoint_tensors(model, skip=writer.written), tmp, shards=writer.shards)
         hf_config = model.config.to_dict()
         hf_config.pop("_attn_implementation_autoset", None)
         hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
@@ -272,7 +322,7 @@ def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str
         _publish_permissions(tmp)
         _replace_dir(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
     return output
 

@@ -148,6 +148,9 @@ class WeightFiles:
                                 f"{self.fix}") from None
 
 
+META = torch.device("meta")
+
+
 def _is_under(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + ".")
 
@@ -167,31 +170,42 @@ class StreamedModel:
         self.model, self.tokenizer, self.family, self.files = model, tokenizer, family, files
         self.sources = sources or {}  # file tensor name → every model state name that shares it
 
-    def _owners(self, prefix: str):
-        return [(key, names) for key, names in self.sources.items() if any(_is_under(n, prefix) for n in names)]
-
     def materialize(self, prefix: str = "") -> nn.Module:
-        """Load every tensor of the module at ``prefix`` that is still on the meta device; returns the module."""
-        wanted = [key for key, names in self._owners(prefix)
-                  if any(_state(self.model, n).device.type == "meta" for n in names)]
+        """Load every stored tensor of the module at ``prefix`` still on the meta device; returns the module.
+
+        Meant for modules as the FP model has them: a layer already quantized and released stays released.
+        """
+        self._load(lambda names: any(_is_under(n, prefix) for n in names))
+        return self.model.get_submodule(prefix) if prefix else self.model
+
+    def materialize_outside(self, prefix: str) -> None:
+        """Load every stored tensor outside ``prefix`` (all but the decoder layers: embeddings, final norm, head)."""
+        self._load(lambda names: not any(_is_under(n, prefix) for n in names))
+
+    def _load(self, wanted_names) -> None:
+        wanted = [key for key, names in self.sources.items() if wanted_names(names)
+                  and any(getattr(_state(self.model, n), "device", None) == META for n in names)]
         for key, tensor in (self.files.read_many(wanted) if wanted else ()):
             names = self.sources[key]
-            old = _state(self.model, names[0])
+            old = next(t for t in (_state(self.model, n) for n in names) if t is not None)
             value = tensor.to(old.dtype) if old.is_floating_point() else tensor
             if isinstance(old, nn.Parameter):  # one Parameter object for all tied names, as transformers ties
                 value = nn.Parameter(value, requires_grad=old.requires_grad)
             for name in names:
                 _assign(self.model, name, value)
             del tensor, value
-        return self.model.get_submodule(prefix) if prefix else self.model
 
     def release(self, prefix: str) -> None:
-        """Free the stored tensors under ``prefix`` (back to the meta device); :meth:`materialize` reloads them."""
-        for _, names in self._owners(prefix):
-            for name in names:
-                if _is_under(name, prefix):
-                    old = _state(self.model, name)
-                    _assign(self.model, name, torch.empty_like(old, device="meta"))
+        """Free every stored tensor under ``prefix`` (FP or already quantized) back to the meta device.
+
+        Does nothing to a model without files (a hub id, or a model built in memory): it could not be reloaded.
+        """
+        if self.files is None:
+            return
+        module = self.model.get_submodule(prefix)
+        for name, old in module.state_dict(keep_vars=True).items():
+            if old.device != META:
+                _assign(module, name, torch.empty_like(old, device=META))
 
     def materialize_all(self) -> tuple[nn.Module, object, Family]:
         """The whole model in memory: ``(model, tokenizer, family)``, as :func:`load_model` returns."""
@@ -199,10 +213,11 @@ class StreamedModel:
         return self.model, self.tokenizer, self.family
 
 
-def _state(model: nn.Module, name: str) -> torch.Tensor:
+def _state(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter or buffer ``name`` of ``model`` (None once its module was replaced, e.g. quantized)."""
     parent, _, leaf = name.rpartition(".")
     module = model.get_submodule(parent) if parent else model
-    return module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]
+    return module._parameters.get(leaf, module._buffers.get(leaf))
 
 
 def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -211,7 +226,7 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
     if leaf in module._parameters:
         module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(
             value, requires_grad=module._parameters[leaf].requires_grad)
-    else:
+    elif leaf in module._buffers:
         module._buffers[leaf] = value
 
 

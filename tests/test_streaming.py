@@ -238,3 +238,77 @@ def test_checkpoint_with_missing_shard(tmp_path):
     shard.unlink()
     with pytest.raises(RptqError, match=f"{shard.name} named in .* is missing"):
         export.load_quantized(tmp_path / "q", verify=False)
+
+
+# ------------------------------------------------------------------------------------------ streamed quantization
+
+
+def _calibration_tokens(directory: Path) -> torch.Tensor:
+    from tiny import corpus_text
+    from transformers import AutoTokenizer
+    ids = AutoTokenizer.from_pretrained(directory)(corpus_text(), return_tensors="pt").input_ids[0]
+    return torch.stack([ids[i * 48:(i + 1) * 48] for i in range(4)])
+
+
+STREAM_CONFIGS = {"opt": QuantConfig(wbits=4, abits=4, clusters=dict(R1=8, R2=2, R3=2, R4=8, R5=8)),
+                  "llama": QuantConfig(wbits=4, abits=8, mode="token", clusters=dict(R1=8, R2=2, R3=2, R4=8, R5=8)),
+                  "qwen2": QuantConfig(wbits=3, abits=16, weight_quantizer="rtn", clusters=dict(R1=4, R4=4, R5=4))}
+
+
+def test_streamed_quantization_writes_the_in_memory_bytes(sharded, tmp_path, monkeypatch):
+    """One layer in memory at a time, packed as it finishes: the same checkpoint as the whole model in memory."""
+    from rptq_cli.export import CheckpointWriter, save_quantized
+    from rptq_cli.loading import StreamedModel
+    from rptq_cli.quantize import quantize_model
+    family_name = json.loads((sharded / "config.json").read_text())["model_type"]
+    config, tokens = STREAM_CONFIGS[family_name], _calibration_tokens(sharded)
+    provenance = {"source_model": "tiny"}
+
+    model, tok, family = load_model(str(sharded))
+    quantize_model(model, family, tokens, QuantConfig.from_dict(config.to_dict()), progress=False, seed=3)
+    save_quantized(model, tok, config, tmp_path / "memory", provenance=provenance, max_shard_bytes=40_000)
+
+    streamed = open_model(str(sharded))
+    layers = family.decoder_layers(streamed.model)
+    most = []
+    materialize = StreamedModel.materialize
+
+    def counting(self, prefix=""):
+        module = materialize(self, prefix)
+        most.append(sum(any(p.device.type != "meta" for p in layer.parameters()) for layer in layers))
+        return module
+
+    monkeypatch.setattr(StreamedModel, "materialize", counting)
+    with CheckpointWriter(tmp_path / "streamed", max_shard_bytes=40_000) as writer:
+        quantize_model(streamed, family, tokens, QuantConfig.from_dict(config.to_dict()), progress=False, seed=3,
+                       writer=writer)
+        assert all(t.device.type == "meta" for t in layers.state_dict().values())  # every layer released
+        streamed.materialize_outside(family.layers)
+        save_quantized(streamed.model, streamed.tokenizer, config, tmp_path / "streamed", provenance=provenance,
+                       writer=writer)
+    assert max(most) == 1
+    for name in ("memory", "streamed"):
+        assert len(list((tmp_path / name).glob("model-*.safetensors"))) > 1
+    files = sorted(p.name for p in (tmp_path / "memory").iterdir() if p.name != "rptq.json")
+    assert files == sorted(p.name for p in (tmp_path / "streamed").iterdir() if p.name != "rptq.json")
+    for name in files:
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes(), name
+
+
+def test_failed_streamed_quantization_leaves_nothing(sharded, tmp_path, monkeypatch):
+    from rptq_cli import quantize
+    from rptq_cli.export import CheckpointWriter
+    streamed = open_model(str(sharded))
+    calls = []
+
+    def fail_on_second_layer(module, prefix):
+        calls.append(prefix)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with CheckpointWriter(tmp_path / "out") as writer:
+            monkeypatch.setattr(writer, "add_module", fail_on_second_layer)
+            quantize.quantize_model(streamed, streamed.family, _calibration_tokens(sharded),
+                                    STREAM_CONFIGS["qwen2"], progress=False, writer=writer)
+    assert list(tmp_path.iterdir()) == []
