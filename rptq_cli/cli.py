@@ -379,14 +379,13 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
     _check_seqlen(seqlen, net.config)
     load_seconds = time.perf_counter() - start
     # each layer is read, quantized, packed into the checkpoint's shards and released in turn
-    with CheckpointWriter(output, force=force, source=model) as writer:
+    with CheckpointWriter(output, force=force, source=model, fetch=streamed.read) as writer:
         quantization = _quantize_in_memory(streamed, family, tokenizer, config, stats_path, calib_dataset,
                                            calib_path, nsamples, seqlen, seed, batch_size, device, writer)
         start = time.perf_counter()
         provenance = {"source_model": model, "source_files_sha256": source_hashes(model),
                       "calibration": quantization["calibration"], "stats_file": stats_path,
                       "seconds": {"load": round(load_seconds, 3), **quantization["seconds"]}}
-        streamed.materialize_outside(family.layers)  # embeddings, final norm, head: written last
         save_quantized(net, tokenizer, config, output, provenance=provenance, force=force, writer=writer)
     total = load_seconds + sum(quantization["seconds"].values()) + time.perf_counter() - start
     click.echo(f"wrote {output} ({config.label}, {config.mode} mode) in {total:.1f}s")

@@ -68,11 +68,12 @@ def _act_tensors(prefix: str, act: ActQuant) -> dict[str, torch.Tensor]:
             f"{prefix}.group_sizes": act.group_sizes.to(torch.int32)}
 
 
-def iter_checkpoint_tensors(model: nn.Module, skip: tuple[str, ...] = ()):
+def iter_checkpoint_tensors(model: nn.Module, skip: tuple[str, ...] = (), fetch=None):
     """Yield ``(name, tensor)`` for every tensor of a quantized model in its on-disk dtype, module by module
     (decoder layers in order, then embeddings, final norm, lm_head), so a writer can take one at a time.
 
     ``skip``: name prefixes ("model.layers.0.") already written (and maybe released to the meta device).
+    ``fetch(name)``: reads a tensor the model holds on the meta device (a StreamedModel's ``read``).
     """
     owned: list[str] = list(skip)
     for name, module in model.named_modules():
@@ -86,6 +87,8 @@ def iter_checkpoint_tensors(model: nn.Module, skip: tuple[str, ...] = ()):
     for key, value in model.state_dict().items():  # embeddings, final norm, lm_head, OPT positions
         if any(key.startswith(o) for o in owned) or (tied and key == "lm_head.weight"):
             continue
+        if fetch is not None and value.device.type == "meta":
+            value = fetch(key)
         yield key, (value.half() if value.is_floating_point() else value)
 
 
@@ -130,7 +133,22 @@ SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", t
                       torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
                       torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
 DTYPE_RANK = {name: rank for rank, name in enumerate(SAFETENSORS_DTYPES.values())}
-COPY_CHUNK = 64 * 1024**2
+COPY_CHUNK = 16 * 1024**2
+
+
+def _copy_range(src, dst, offset: int, nbytes: int) -> None:
+    """Append ``nbytes`` of ``src`` from ``offset`` to ``dst`` in the kernel (no copy through this process)."""
+    src.flush()
+    while nbytes:
+        try:
+            done = os.copy_file_range(src.fileno(), dst.fileno(), min(nbytes, COPY_CHUNK), offset)
+        except (AttributeError, OSError):  # not Linux, or a file system without it: through a small buffer
+            src.seek(offset)
+            done = dst.write(src.read(min(nbytes, COPY_CHUNK)))
+            dst.flush()
+        if done <= 0:
+            raise OSError(f"could not copy {nbytes} bytes into {dst.name}")
+        offset, nbytes = offset + done, nbytes - done
 
 
 class ShardWriter:
@@ -184,12 +202,9 @@ class ShardWriter:
         spill, self.spill = self.spill, None
         with open(file, "wb") as out:
             out.write(len(header).to_bytes(8, "little") + header)
+            out.flush()
             for *_, offset, nbytes in order:
-                spill.seek(offset)
-                while nbytes:
-                    chunk = spill.read(min(nbytes, COPY_CHUNK))
-                    out.write(chunk)
-                    nbytes -= len(chunk)
+                _copy_range(spill, out, offset, nbytes)
         if spill is not None:
             spill.close()
             os.unlink(spill.name)
@@ -268,7 +283,10 @@ class CheckpointWriter:
     manager, it removes that directory when the block fails."""
 
     def __init__(self, output: str | os.PathLike, *, force: bool = False, source: str | None = None,
-                 max_shard_bytes: int = MAX_SHARD_BYTES):
+                 max_shard_bytes: int = MAX_SHARD_BYTES, fetch=None):
+        """``fetch(name)``: where the tensors left on the meta device (embeddings, head) are read from, one at a
+        time when written (a StreamedModel's ``read``)."""
+        self.fetch = fetch
         output = Path(output)
         check_output(output, force, source)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +326,7 @@ def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str
                                   max_shard_bytes=max_shard_bytes)
     tmp = writer.directory
     try:
-        write_weights(iter_checkpoint_tensors(model, skip=writer.written), tmp, shards=writer.shards)
+        write_weights(iter_checkpoint_tensors(model, writer.written, writer.fetch), tmp, shards=writer.shards)
         hf_config = model.config.to_dict()
         hf_config.pop("_attn_implementation_autoset", None)
         hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,

@@ -129,23 +129,20 @@ class WeightFiles:
         return set(self.shard_of)
 
     def read(self, key: str) -> torch.Tensor:
-        """One tensor, on the CPU, in its stored dtype."""
-        return next(self.read_many([key]))[1]
+        """One tensor, on the CPU, in its stored dtype (a copy: the shard's memory map is closed on return, so
+        the pages read do not stay counted in this process's resident memory)."""
+        path = self.directory / self.shard_of[key]
+        try:
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor(key)
+        except Exception as exc:
+            raise RptqError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or corrupted; "
+                            f"{self.fix}") from None
 
     def read_many(self, keys):
-        """Yield ``(key, tensor)`` for ``keys``, opening each shard once; one tensor in memory per step."""
-        by_shard: dict[str, list[str]] = {}
+        """Yield ``(key, tensor)`` for ``keys``; one tensor in memory per step."""
         for key in keys:
-            by_shard.setdefault(self.shard_of[key], []).append(key)
-        for file, names in by_shard.items():
-            path = self.directory / file
-            try:
-                with safe_open(str(path), "pt") as f:
-                    for key in names:
-                        yield key, f.get_tensor(key)
-            except Exception as exc:
-                raise RptqError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or corrupted; "
-                                f"{self.fix}") from None
+            yield key, self.read(key)
 
 
 META = torch.device("meta")
@@ -178,9 +175,13 @@ class StreamedModel:
         self._load(lambda names: any(_is_under(n, prefix) for n in names))
         return self.model.get_submodule(prefix) if prefix else self.model
 
-    def materialize_outside(self, prefix: str) -> None:
-        """Load every stored tensor outside ``prefix`` (all but the decoder layers: embeddings, final norm, head)."""
-        self._load(lambda names: not any(_is_under(n, prefix) for n in names))
+    def read(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` (a state name, "lm_head.weight") in the model's dtype, read now and not
+        kept by the model: what a writer takes one tensor at a time."""
+        key = next(k for k, names in self.sources.items() if name in names)
+        old = next(t for t in (_state(self.model, n) for n in self.sources[key]) if t is not None)
+        tensor = self.files.read(key)
+        return tensor.to(old.dtype) if old.is_floating_point() else tensor
 
     def _load(self, wanted_names) -> None:
         wanted = [key for key, names in self.sources.items() if wanted_names(names)
