@@ -76,6 +76,18 @@ def test_reads_one_tensor_at_a_time(sharded, monkeypatch):
     assert tuple(files.read(key).shape) == files.shape_of[key]
 
 
+def test_checkpoint_of_the_bare_model(tmp_path):
+    """Files saved from the bare model (facebook/opt-*: ``decoder.…`` without ``model.``) load the same."""
+    from safetensors.torch import load_file
+    src = save_sharded(tmp_path / "src", "opt", max_shard_size="10GB")
+    tensors = load_file(src / "model.safetensors")
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    model, _, _ = load_model(str(src))
+    for key, value in tensors.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
