@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -159,13 +160,15 @@ class StreamedModel:
     a module prefix (``model.layers.3``) into real ``dtype`` tensors, :meth:`release` puts them back on the
     meta device. Tied tensors (lm_head ↔ embeddings) are one entry: materializing either fills both. Buffers
     that are computed, not stored (RoPE ``inv_freq``), are built for real with the skeleton.
-    ``files`` is None for a hub id: that model is loaded whole by transformers and the two calls do nothing.
+    ``files`` is None for a model already in memory (a hub id, loaded whole by transformers, or a model built
+    in the process): then materializing and releasing do nothing.
     """
 
     def __init__(self, model: nn.Module, tokenizer, family: Family, files: WeightFiles | None,
-                 sources: dict[str, str] | None = None):
+                 sources: dict[str, list[str]] | None = None):
         self.model, self.tokenizer, self.family, self.files = model, tokenizer, family, files
-        self.sources = sources or {}  # file tensor name → every model state name that shares it
+        self.sources = sources or {}  # file tensor name → every model state name that shares it (tied)
+        self.source_of = {name: key for key, names in self.sources.items() for name in names}
 
     def materialize(self, prefix: str = "") -> nn.Module:
         """Load every stored tensor of the module at ``prefix`` still on the meta device; returns the module.
@@ -178,7 +181,7 @@ class StreamedModel:
     def read(self, name: str) -> torch.Tensor:
         """The stored tensor ``name`` (a state name, "lm_head.weight") in the model's dtype, read now and not
         kept by the model: what a writer takes one tensor at a time."""
-        key = next(k for k, names in self.sources.items() if name in names)
+        key = self.source_of[name]
         old = next(t for t in (_state(self.model, n) for n in self.sources[key]) if t is not None)
         tensor = self.files.read(key)
         return tensor.to(old.dtype) if old.is_floating_point() else tensor
@@ -245,7 +248,6 @@ def _match_files(model: nn.Module, files: WeightFiles, name: str) -> dict[str, l
     A file name is the state name, or the state name without the base model prefix (checkpoints saved from
     the bare model, like facebook/opt-*). Of tied names, the first one the files hold is read.
     """
-    import re
     present = files.names()
     strip = f"{getattr(model, 'base_model_prefix', '')}."
 
