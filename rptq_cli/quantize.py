@@ -121,6 +121,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
     their files one at a time and released once quantized (memory: one layer + the calibration activations).
     ``writer``: an :class:`~rptq_cli.export.CheckpointWriter` that packs each layer as soon as it is done.
     """
+    if writer is None and getattr(model, "files", None) is not None:
+        raise ValueError("a streamed model releases each layer once quantized: pass a writer to keep them")
     report = QuantReport()
     runner = LayerRunner(model, family, tokens, device, batch_size)
     heads = head_layout(family, runner.model.config)
