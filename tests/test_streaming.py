@@ -171,7 +171,8 @@ def _all_dtype_tensors() -> dict[str, torch.Tensor]:
             values = (torch.randn(3, 5, generator=g) * 50).to(dtype)
         tensors[f"t{(7 * i) % 11}.{dtype}".replace("torch.", "")] = values
     tensors.update({"scalar": torch.tensor(1.5), "empty": torch.zeros(0, 4, dtype=torch.int32),
-                    "layers.0.a": torch.arange(7, dtype=torch.float16), "layers.0.b": torch.arange(3, dtype=torch.float16),
+                    "layers.0.a": torch.arange(7, dtype=torch.float16),
+                    "layers.0.b": torch.arange(3, dtype=torch.float16),
                     "noncontiguous": torch.randn(4, 6, generator=g).T})
     return tensors
 
