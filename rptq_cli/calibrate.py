@@ -86,23 +86,42 @@ class _Captured(Exception):
 
 
 class LayerRunner:
-    """Feeds calibration windows through the decoder one layer at a time."""
+    """Feeds calibration windows through the decoder one layer at a time.
 
-    def __init__(self, model: nn.Module, family: Family, tokens: torch.Tensor, device: torch.device,
-                 batch_size: int = 1):
-        self.model, self.family, self.device, self.batch_size = model, family, torch.device(device), batch_size
-        self.layers = family.decoder_layers(model)
-        use_rptq_attention(model)
+    ``model`` is an in-memory model or a :class:`~rptq_cli.loading.StreamedModel` whose weights stay in their
+    files: :meth:`materialize` reads layer ``i`` when its turn comes and :meth:`release` frees it after (both do
+    nothing for a model held in memory), so the same loop serves every model size.
+    """
+
+    def __init__(self, model, family: Family, tokens: torch.Tensor, device: torch.device, batch_size: int = 1):
+        from .loading import StreamedModel
+        self.streamed = model if isinstance(model, StreamedModel) else StreamedModel(model, None, family, None)
+        self.model, self.family = self.streamed.model, family
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.layers = family.decoder_layers(self.model)
+        use_rptq_attention(self.model)
         self.inputs, self.layer_kwargs = self._capture(tokens)
 
-    def _embedding_modules(self) -> list[nn.Module]:
-        mods = []
+    def prefix(self, i: int) -> str:
+        return f"{self.family.layers}.{i}"
+
+    def materialize(self, i: int) -> nn.Module:
+        """Layer ``i`` with its weights in memory (read from the files of a streamed model)."""
+        return self.streamed.materialize(self.prefix(i))
+
+    def release(self, i: int) -> None:
+        """Free layer ``i``'s tensors (streamed model only; a model in memory keeps its layers)."""
+        self.streamed.release(self.prefix(i))
+
+    def _embedding_paths(self) -> list[str]:
+        paths = []
         for path in self.family.embeddings:
             try:
-                mods.append(self.model.get_submodule(path))
+                if self.model.get_submodule(path) is not None:
+                    paths.append(path)
             except AttributeError:
                 pass  # optional module (e.g. OPT's project_in when sizes match)
-        return [m for m in mods if m is not None]
+        return paths
 
     def _capture(self, tokens: torch.Tensor):
         """Layer 0's input hidden states [n, T, hidden] (CPU) and its keyword arguments (mask, RoPE, ...)."""
@@ -115,7 +134,8 @@ class LayerRunner:
                 kwargs_seen.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
             raise _Captured
 
-        embeddings = self._embedding_modules()
+        paths = self._embedding_paths()
+        embeddings = [self.streamed.materialize(path) for path in paths]
         for m in embeddings:
             m.to(self.device)
         handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -128,8 +148,9 @@ class LayerRunner:
                         pass
         finally:
             handle.remove()
-            for m in embeddings:
+            for m, path in zip(embeddings, paths):
                 m.to("cpu")
+                self.streamed.release(path)
         kwargs_seen.update(past_key_values=None, use_cache=False)
         return torch.cat(captured), kwargs_seen
 
@@ -161,9 +182,11 @@ def collect_stats(runner: LayerRunner, progress: bool = True) -> list[LayerStats
     """Per-channel (min, max) at every point of every layer, propagating FP outputs layer to layer."""
     stats, hidden = [], runner.inputs
     n = len(runner.layers)
-    for i, layer in enumerate(tqdm(runner.layers, desc="calibrate", unit="layer", disable=not progress)):
+    for i in tqdm(range(n), desc="calibrate", unit="layer", disable=not progress):
+        layer = runner.materialize(i)
         with runner.on_device(layer), observe_layer(layer, runner.family) as observers:
             hidden = runner.forward(layer, hidden, desc=f"layer {i + 1}/{n}" if progress else "")
+        runner.release(i)
         stats.append({p: (o.lo, o.hi) for p, o in observers.items()})
     return stats
 

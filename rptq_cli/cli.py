@@ -227,15 +227,16 @@ def main():
 def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device, dtype, output, force):
     """Record per-channel (min, max) at every reorder point, one layer at a time."""
     from .calibrate import LayerRunner, StatsFile, collect_stats, is_stats_file, stats_metadata
-    from .loading import load_model, resolve_device, resolve_dtype
+    from .loading import open_model, resolve_device, resolve_dtype
     _prepare_output(output, force, is_ours=is_stats_file, kind="stats file", directory=False, sources=(model,))
     device = resolve_device(device)
-    net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
-    _check_seqlen(seqlen, net.config)
-    tokens, provenance = _calibration(tokenizer, net.config, None, calib_dataset, calib_path, nsamples, seqlen, seed)
+    streamed = open_model(model, resolve_dtype(dtype, device))  # layers are read one at a time
+    tokenizer, family, net_config = streamed.tokenizer, streamed.family, streamed.model.config
+    _check_seqlen(seqlen, net_config)
+    tokens, provenance = _calibration(tokenizer, net_config, None, calib_dataset, calib_path, nsamples, seqlen, seed)
     start = time.perf_counter()
-    stats = collect_stats(LayerRunner(net, family, tokens, device, batch_size))
-    StatsFile(stats, stats_metadata(model, net.config, provenance)).save(output)
+    stats = collect_stats(LayerRunner(streamed, family, tokens, device, batch_size))
+    StatsFile(stats, stats_metadata(model, net_config, provenance)).save(output)
     click.echo(f"wrote {output}: {len(stats)} layers, {tokens.shape[0]} windows of {tokens.shape[1]} tokens "
                f"from {provenance['source']} ({time.perf_counter() - start:.1f}s)")
 
@@ -332,17 +333,19 @@ def _write_report(path: str, net, fp_net, tokens, seqlen: int, label: str) -> No
 
 
 def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path, nsamples, seqlen,
-                        seed, batch_size, device) -> dict:
+                        seed, batch_size, device, writer=None) -> dict:
+    """``net``: a model in memory or a StreamedModel; ``writer``: packs each layer when done (export.py)."""
     from .calibrate import StatsFile
     from .quantize import quantize_model
+    net_config = getattr(net, "model", net).config
     stats = None
     if stats_path:
         stats = StatsFile.load(stats_path)
-        stats.check_model(net.config, family, stats_path)
-    _fit_clusters(config, net.config, family)
-    tokens, provenance = _calibration(tokenizer, net.config, stats, calib_dataset, calib_path, nsamples, seqlen, seed)
+        stats.check_model(net_config, family, stats_path)
+    _fit_clusters(config, net_config, family)
+    tokens, provenance = _calibration(tokenizer, net_config, stats, calib_dataset, calib_path, nsamples, seqlen, seed)
     report = quantize_model(net, family, tokens, config, stats=stats, device=device, batch_size=batch_size,
-                            seed=provenance["seed"])
+                            seed=provenance["seed"], writer=writer)
     return {"label": config.label, **config.to_dict(), "calibration": provenance,
             "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
 
@@ -386,8 +389,8 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
              no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
              dtype):
     """Quantize MODEL with RPTQ and write a packed checkpoint directory."""
-    from .export import is_quantized_checkpoint, save_quantized, source_hashes
-    from .loading import load_model, resolve_device, resolve_dtype
+    from .export import CheckpointWriter, is_quantized_checkpoint, save_quantized, source_hashes
+    from .loading import open_model, resolve_device, resolve_dtype
     from .report import checkpoint_summary
     _prepare_output(output, force, is_ours=is_quantized_checkpoint, kind="checkpoint directory", directory=True,
                     sources=(model,))  # before the expensive part, not only when writing
@@ -397,16 +400,20 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
         raise RptqError("nothing to quantize: give --wbits/--abits below 16 or a --config preset (e.g. w4a4kv)")
     device = resolve_device(device)
     start = time.perf_counter()
-    net, tokenizer, family = load_model(model, resolve_dtype(dtype, device))
+    streamed = open_model(model, resolve_dtype(dtype, device))  # weights stay in their files until needed
+    net, tokenizer, family = streamed.model, streamed.tokenizer, streamed.family
     _check_seqlen(seqlen, net.config)
     load_seconds = time.perf_counter() - start
-    quantization = _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path,
-                                       nsamples, seqlen, seed, batch_size, device)
-    start = time.perf_counter()
-    provenance = {"source_model": model, "source_files_sha256": source_hashes(model), "command": _command_line(),
-                  "calibration": quantization["calibration"], "stats_file": stats_path,
-                  "seconds": {"load": round(load_seconds, 3), **quantization["seconds"]}}
-    save_quantized(net.cpu(), tokenizer, config, output, provenance=provenance, force=force)
+    # each layer is read, quantized, packed into the checkpoint's shards and released in turn
+    with CheckpointWriter(output, force=force, source=model, fetch=streamed.read) as writer:
+        quantization = _quantize_in_memory(streamed, family, tokenizer, config, stats_path, calib_dataset,
+                                           calib_path, nsamples, seqlen, seed, batch_size, device, writer)
+        start = time.perf_counter()
+        provenance = {"source_model": model, "source_files_sha256": source_hashes(model),
+                      "command": _command_line(), "calibration": quantization["calibration"],
+                      "stats_file": stats_path,
+                      "seconds": {"load": round(load_seconds, 3), **quantization["seconds"]}}
+        save_quantized(net, tokenizer, config, output, provenance=provenance, force=force, writer=writer)
     total = load_seconds + sum(quantization["seconds"].values()) + time.perf_counter() - start
     click.echo(f"wrote {output} ({config.label}, {config.mode} mode) in {total:.1f}s")
     click.echo(checkpoint_summary(Path(output), model, net))

@@ -29,14 +29,13 @@ shape, and the value ranges of the quantization parameters (integrity.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +45,7 @@ from .errors import RptqError
 from .hf_hook import NEEDS_IMPORT
 from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_sizes, check_permutation,
                         check_same_groups, check_scales, directory_hashes, file_sha256, verify_hashes)
+from .loading import INDEX_NAME, WEIGHTS_NAME, WeightFiles
 from .model_card import write_card
 from .models import Family, family_for
 from .nn.attention import AttentionQuant, use_rptq_attention
@@ -56,9 +56,7 @@ from .quant.pack import pack_zeros, packed_row_bytes, unpack_zeros
 from .strict import FILE_TAG, QUANT_METHOD, quant_method, require_not_foreign_checkpoint, require_tokenizer
 
 FORMAT_VERSION = 1
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-MAX_SHARD_BYTES = 4 * 1024**3
+MAX_SHARD_BYTES = 2 * 1024**3  # shards of about 2 GiB: a writer or reader holds one at most
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -72,73 +70,193 @@ def _act_tensors(prefix: str, act: ActQuant) -> dict[str, torch.Tensor]:
             f"{prefix}.group_sizes": act.group_sizes.to(torch.int32)}
 
 
+def iter_checkpoint_tensors(model: nn.Module, skip: tuple[str, ...] = (), fetch=None):
+    """Yield ``(name, tensor)`` for every tensor of a quantized model in its on-disk dtype, module by module
+    (decoder layers in order, then embeddings, final norm, lm_head), so a writer can take one at a time.
+
+    ``skip``: name prefixes ("model.layers.0.") already written (and maybe released to the meta device).
+    ``fetch(name)``: reads a tensor the model holds on the meta device (a StreamedModel's ``read``).
+    """
+    owned: list[str] = list(skip)
+    for name, module in model.named_modules():
+        if any(f"{name}.".startswith(s) for s in skip):
+            continue
+        tensors = _module_tensors(f"{name}.", module)
+        if tensors is not None:
+            owned.append(f"{name}.")
+            yield from tensors.items()
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    for key, value in model.state_dict().items():  # embeddings, final norm, lm_head, OPT positions
+        if any(key.startswith(o) for o in owned) or (tied and key == "lm_head.weight"):
+            continue
+        if fetch is not None and value.device.type == "meta":
+            value = fetch(key)
+        yield key, (value.half() if value.is_floating_point() else value)
+
+
+def _module_tensors(p: str, module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The tensors of one rptq module under the prefix ``p`` ("…q_proj."); None for other modules."""
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(module, QuantLinear):
+        if module.bits < 16:
+            tensors.update({p + "qweight": module.qweight, p + "scales": module.scales.half(),
+                            p + "zeros": pack_zeros(module.zeros, module.bits),
+                            p + "group_sizes": module.group_sizes.to(torch.int32)})
+        else:
+            tensors[p + "weight"] = module.weight.half()
+        if module.bias is not None:
+            tensors[p + "bias"] = module.bias.half()
+        if module.act is not None:
+            tensors.update(_act_tensors(p + "act", module.act))
+    elif isinstance(module, ReorderNorm):
+        tensors.update({p + "weight": module.weight.half(), p + "perm": module.perm.to(torch.int32)})
+        if module.bias is not None:
+            tensors[p + "bias"] = module.bias.half()
+    elif isinstance(module, AttentionQuant):
+        if module.qk_perm is not None:
+            tensors[p + "qk_perm"] = module.qk_perm.to(torch.int32)
+        for which in ("q", "k", "v"):
+            if getattr(module, which) is not None:
+                tensors.update(_act_tensors(p + which, getattr(module, which)))
+    else:
+        return None
+    return tensors
+
+
 def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of a quantized model under its module path, in its on-disk dtype."""
-    tensors: dict[str, torch.Tensor] = {}
-    owned: set[str] = set()
-    for name, module in model.named_modules():
-        p = f"{name}."
-        if isinstance(module, QuantLinear):
-            if module.bits < 16:
-                tensors.update({p + "qweight": module.qweight, p + "scales": module.scales.half(),
-                                p + "zeros": pack_zeros(module.zeros, module.bits),
-                                p + "group_sizes": module.group_sizes.to(torch.int32)})
-            else:
-                tensors[p + "weight"] = module.weight.half()
-            if module.bias is not None:
-                tensors[p + "bias"] = module.bias.half()
-            if module.act is not None:
-                tensors.update(_act_tensors(p + "act", module.act))
-        elif isinstance(module, ReorderNorm):
-            tensors.update({p + "weight": module.weight.half(), p + "perm": module.perm.to(torch.int32)})
-            if module.bias is not None:
-                tensors[p + "bias"] = module.bias.half()
-        elif isinstance(module, AttentionQuant):
-            if module.qk_perm is not None:
-                tensors[p + "qk_perm"] = module.qk_perm.to(torch.int32)
-            for which in ("q", "k", "v"):
-                if getattr(module, which) is not None:
-                    tensors.update(_act_tensors(p + which, getattr(module, which)))
-        else:
-            continue
-        owned.add(p)
-    for key, value in model.state_dict().items():  # embeddings, final norm, lm_head, OPT positions
-        if not any(key.startswith(o) for o in owned):
-            tensors[key] = value.half() if value.is_floating_point() else value
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
     # clone: modules share small tensors (q/k/v read the same group sizes), which safetensors refuses
-    return {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    return {k: v.detach().cpu().clone().contiguous() for k, v in iter_checkpoint_tensors(model)}
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensors[key]
-        size += nbytes
-    shards.append(current)
-    return shards
+# safetensors (the Rust crate) orders a file's tensors by dtype, in reverse of its Dtype enum, then by name
+SAFETENSORS_DTYPES = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+                      torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+                      torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+DTYPE_RANK = {name: rank for rank, name in enumerate(SAFETENSORS_DTYPES.values())}
+COPY_CHUNK = 16 * 1024**2
 
 
-def write_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def _copy_range(src, dst, offset: int, nbytes: int) -> None:
+    """Append ``nbytes`` of ``src`` from ``offset`` to ``dst`` in the kernel (no copy through this process)."""
+    src.flush()
+    while nbytes:
+        try:
+            done = os.copy_file_range(src.fileno(), dst.fileno(), min(nbytes, COPY_CHUNK), offset)
+        except (AttributeError, OSError):  # not Linux, or a file system without it: through a small buffer
+            src.seek(offset)
+            done = dst.write(src.read(min(nbytes, COPY_CHUNK)))
+            dst.flush()
+        if done <= 0:
+            raise OSError(f"could not copy {nbytes} bytes into {dst.name}")
+        offset, nbytes = offset + done, nbytes - done
+
+
+class ShardWriter:
+    """Safetensors shards written while tensors arrive, byte for byte what ``save_file`` writes for them.
+
+    A shard's header must list its tensors before their data, so each tensor's bytes go to a spill file in
+    ``directory`` as it arrives (memory: one tensor) and the shard is assembled from it when full (a tensor
+    that would take it past ``max_shard_bytes`` starts the next one). :meth:`finish` names the shards as
+    transformers does: ``model.safetensors`` alone, else ``model-00001-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES, metadata: dict | None = None):
+        self.directory, self.max_shard_bytes, self.metadata = Path(directory), max_shard_bytes, metadata
+        self.done: list[tuple[Path, list[str]]] = []  # assembled shards: (file, tensor names)
+        self.entries: list[tuple[str, str, list[int], int, int]] = []  # name, dtype, shape, spill offset, bytes
+        self.size, self.total, self.spill = 0, 0, None
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append one tensor (any device; written as its contiguous little-endian bytes)."""
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"safetensors cannot store {name} of dtype {tensor.dtype}")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if self.entries and self.size + data.nbytes > self.max_shard_bytes:
+            self._assemble()
+        if self.spill is None:
+            self.spill = open(self.directory / f".spill-{len(self.done)}", "w+b")
+        self.spill.write(data.data)
+        self.entries.append((name, SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), self.size, data.nbytes))
+        self.size += data.nbytes
+        self.total += data.nbytes
+
+    def _header(self, order) -> bytes:
+        header, offset = {}, 0
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        for name, dtype, shape, _, nbytes in order:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        return raw + b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+
+    def _assemble(self) -> None:
+        """Write the current shard: header, then the spilled bytes in safetensors' order."""
+        names = [e[0] for e in self.entries]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tensor {sorted(n for n in names if names.count(n) > 1)[0]} was added twice")
+        order = sorted(self.entries, key=lambda e: (-DTYPE_RANK[e[1]], e[0]))
+        header = self._header(order)
+        file = self.directory / f".shard-{len(self.done) + 1}.partial"
+        spill, self.spill = self.spill, None
+        with open(file, "wb") as out:
+            out.write(len(header).to_bytes(8, "little") + header)
+            out.flush()
+            for *_, offset, nbytes in order:
+                _copy_range(spill, out, offset, nbytes)
+        if spill is not None:
+            spill.close()
+            os.unlink(spill.name)
+        self.done.append((file, names))
+        self.entries, self.size = [], 0
+
+    def finish(self) -> list[Path]:
+        """Assemble the last shard, give every shard its final name, write the index when there are several."""
+        if self.entries or not self.done:
+            self._assemble()
+        n = len(self.done)
+        finals = []
+        weight_map = {}
+        for i, (file, names) in enumerate(self.done, 1):
+            final = self.directory / (WEIGHTS_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors")
+            os.replace(file, final)
+            finals.append(final)
+            weight_map.update(dict.fromkeys(names, final.name))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return finals
+
+    def abort(self) -> None:
+        """Remove the spill file (the partial shards go with the temporary directory)."""
+        if self.spill is not None:
+            self.spill.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.spill.name)
+            self.spill = None
+
+
+def _file_metadata() -> dict[str, str]:
     # one key only: safetensors writes its metadata map in hash order, and equal inputs must give equal bytes
-    metadata = {FILE_TAG: str(FORMAT_VERSION)}
-    shards = _shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                   indent=2, sort_keys=True) + "\n")
+    return {FILE_TAG: str(FORMAT_VERSION)}
+
+
+def write_weights(tensors, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+                  shards: ShardWriter | None = None) -> None:
+    """Write ``tensors`` (a dict, taken in sorted name order, or ``(name, tensor)`` pairs, taken as they come)
+    as safetensors shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own), after
+    what ``shards`` (a writer fed while the model was quantized) already holds."""
+    writer = shards if shards is not None else ShardWriter(directory, max_shard_bytes, _file_metadata())
+    items = ((key, tensors[key]) for key in sorted(tensors)) if isinstance(tensors, dict) else tensors
+    try:
+        for key, tensor in items:
+            writer.add(key, tensor)
+        writer.finish()
+    finally:
+        writer.abort()
 
 
 def weight_files(model_name: str) -> list[Path]:
@@ -160,15 +278,57 @@ def check_output(output: str | os.PathLike, force: bool, source: str | os.PathLi
                          directory=True, sources=(source,))
 
 
+class CheckpointWriter:
+    """A checkpoint's weights written while the model is quantized: each decoder layer packed into the shards
+    as soon as it is done (:meth:`add_module`), in the temporary directory that :func:`save_quantized` then
+    completes (embeddings, head, config, tokenizer, provenance) and renames into place. Used as a context
+    manager, it removes that directory when the block fails."""
+
+    def __init__(self, output: str | os.PathLike, *, force: bool = False, source: str | None = None,
+                 max_shard_bytes: int = MAX_SHARD_BYTES, fetch=None):
+        """``fetch(name)``: where the tensors left on the meta device (embeddings, head) are read from, one at a
+        time when written (a StreamedModel's ``read``)."""
+        self.fetch = fetch
+        output = Path(output)
+        check_output(output, force, source)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        self.directory = outputs.temporary_dir(output)
+        self.shards = ShardWriter(self.directory, max_shard_bytes, _file_metadata())
+        self.written: tuple[str, ...] = ()  # module prefixes whose tensors are in the shards
+
+    def add_module(self, module: nn.Module, prefix: str) -> None:
+        """Pack every tensor of ``module`` (a quantized decoder layer) under ``prefix`` ("model.layers.3")."""
+        for name, tensor in iter_checkpoint_tensors(module):
+            self.shards.add(f"{prefix}.{name}", tensor)
+        self.written += (f"{prefix}.",)
+
+    def abort(self) -> None:
+        self.shards.abort()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            self.abort()
+
+
 def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str | os.PathLike, *,
-                   provenance: dict, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write the checkpoint atomically: a temporary sibling directory, renamed into place when complete."""
+                   provenance: dict, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                   writer: CheckpointWriter | None = None) -> Path:
+    """Write the checkpoint atomically: a temporary sibling directory, renamed into place when complete.
+
+    ``writer``: the :class:`CheckpointWriter` the layers were packed into as they were quantized (they may be
+    released from ``model`` since); without one, every tensor of ``model`` is written here.
+    """
     output = Path(output)
-    check_output(output, force, provenance.get("source_model"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outputs.temporary_dir(output)
+    if writer is None:
+        writer = CheckpointWriter(output, force=force, source=provenance.get("source_model"),
+                                  max_shard_bytes=max_shard_bytes)
+    tmp = writer.directory
     try:
-        write_weights(checkpoint_tensors(model), tmp, max_shard_bytes)
+        write_weights(iter_checkpoint_tensors(model, writer.written, writer.fetch), tmp, shards=writer.shards)
         hf_config = model.config.to_dict()
         hf_config.pop("_attn_implementation_autoset", None)
         hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
@@ -184,7 +344,7 @@ def save_quantized(model: nn.Module, tokenizer, config: QuantConfig, output: str
         _publish_permissions(tmp)
         _replace_dir(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
     return output
 
@@ -217,51 +377,41 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
     return quant_method(Path(path)) == QUANT_METHOD
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / INDEX_NAME
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise RptqError(f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); the "
-                            "checkpoint is corrupted, re-run `rptq quantize`") from None
-    elif (directory / WEIGHTS_NAME).is_file():
-        files = [WEIGHTS_NAME]
-    else:
-        raise RptqError(f"{directory} has no {WEIGHTS_NAME}; the checkpoint is incomplete, re-run `rptq quantize`")
-    tensors = {}
-    for name in files:
-        try:
-            with safe_open(str(directory / name), "pt") as f:
-                if FILE_TAG not in (f.metadata() or {}):
-                    raise RptqError(f"{directory / name} is not an rptq checkpoint file; re-run `rptq quantize`")
-                tensors.update({k: f.get_tensor(k) for k in f.keys()})
-        except RptqError:
-            raise
-        except Exception as exc:
-            raise RptqError(f"cannot read {directory / name} ({exc}): the file is truncated or corrupted; "
-                            "re-run `rptq quantize`") from None
-    return tensors
+CHECKPOINT_FIX = "re-run `rptq quantize`"
+
+
+def _weight_files(directory: Path) -> WeightFiles:
+    """The checkpoint's shards (headers only), each checked to carry rptq's file tag."""
+    if not (directory / INDEX_NAME).is_file() and not (directory / WEIGHTS_NAME).is_file():
+        raise RptqError(f"{directory} has no {WEIGHTS_NAME}; the checkpoint is incomplete, {CHECKPOINT_FIX}")
+    files = WeightFiles(directory, fix=f"the checkpoint is incomplete or corrupted, {CHECKPOINT_FIX}")
+    for name, metadata in files.metadata.items():
+        if FILE_TAG not in metadata:
+            raise RptqError(f"{directory / name} is not an rptq checkpoint file; {CHECKPOINT_FIX}")
+    return files
 
 
 class _Tensors:
-    """Checkpoint tensors taken one by one, each checked for presence, dtype and (optionally) shape."""
+    """Checkpoint tensors taken one by one, each read from its shard only when taken (memory: the model being
+    built, not a second copy of the file) and checked for presence, dtype and (optionally) shape."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], where: Path):
-        self.tensors, self.where = tensors, where
+    def __init__(self, files: WeightFiles, where: Path):
+        self.files, self.where = files, where
+        self.remaining = files.names()  # not taken yet: what is left at the end belongs to no module
 
     def take(self, name: str, dtype: torch.dtype, shape: tuple | None = None) -> torch.Tensor:
-        if name not in self.tensors:
+        if name not in self.remaining:
             raise RptqError(f"checkpoint {self.where} is missing tensor {name}; it is incomplete or of another "
                             "format, re-run `rptq quantize`")
-        t = self.tensors.pop(name)
+        self.remaining.discard(name)
+        t = self.files.read(name)
         if t.dtype != dtype or (shape is not None and tuple(t.shape) != tuple(shape)):
             raise RptqError(f"checkpoint tensor {name} is {t.dtype} {tuple(t.shape)}, expected {dtype} "
                             f"{tuple(shape) if shape is not None else '(any shape)'}; the checkpoint is corrupted")
         return t
 
     def has(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.remaining
 
     def act(self, prefix: str, channels: int, config: QuantConfig, point: str) -> ActQuant | None:
         bits = config.act_bits(point)
@@ -340,7 +490,7 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RptqError(f"cannot read the config of checkpoint {directory} ({first}); it is corrupted") from None
     family: Family = family_for(hf_config)
-    tensors = _Tensors(_read_tensors(directory), directory)
+    tensors = _Tensors(_weight_files(directory), directory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     heads = head_layout(family, hf_config)
@@ -427,8 +577,8 @@ def _load_remaining(model: nn.Module, tensors: _Tensors, dtype, directory: Path)
     model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
-    if tensors.tensors:
-        extra = ", ".join(sorted(tensors.tensors)[:3])
+    if tensors.remaining:
+        extra = ", ".join(sorted(tensors.remaining)[:3])
         raise RptqError(f"checkpoint {directory} holds tensors this model does not use ({extra}, ...); it belongs "
                         "to another model or format")
     for name, module in model.named_modules():

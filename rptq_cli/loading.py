@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from accelerate import init_empty_weights
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .errors import RptqError
 from .gguf_source import resolve_gguf
@@ -55,29 +59,274 @@ def load_config(name: str):
                         "or a hub id reachable from this machine") from None
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object, Family]:
-    """The FP model on the CPU in ``dtype``, its tokenizer and its family adapter (a ``.gguf`` file is read
-    through its dequantized fp16 copy in the cache)."""
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+class WeightFiles:
+    """Which safetensors shard of ``directory`` holds each tensor; reads one tensor at a time.
+
+    The directory holds ``model.safetensors`` or ``model.safetensors.index.json`` and the shards it names. Only
+    the headers are read when this is built (names, dtypes, shapes); :meth:`read` then takes one tensor from its
+    shard with ``safe_open`` (a memory map), so a model larger than memory is never read whole. ``fix`` ends
+    every error message (what the user should do).
+    """
+
+    def __init__(self, directory: Path, fix: str = "the model files are incomplete or corrupted: fetch them again"):
+        self.directory, self.fix = Path(directory), fix
+        self.shard_of: dict[str, str] = {}  # tensor name → shard file name
+        self.dtype_of: dict[str, str] = {}  # tensor name → safetensors dtype ("F16", "U8", ...)
+        self.shape_of: dict[str, tuple[int, ...]] = {}
+        self.metadata: dict[str, dict] = {}  # shard file name → its __metadata__
+        self._keys: dict[str, set[str]] = {}  # shard file name → the tensors it holds
+        index = self.directory / INDEX_NAME
+        if index.is_file():
+            self._read_index(index)
+        elif (self.directory / WEIGHTS_NAME).is_file():
+            self._read_header(WEIGHTS_NAME)
+            self.shard_of = dict.fromkeys(self.dtype_of, WEIGHTS_NAME)
+        elif any(self.directory.glob("*.bin")):
+            raise RptqError(f"{self.directory} holds PyTorch .bin weights only; rptq reads safetensors: convert them "
+                            "(model.save_pretrained(DIR, safe_serialization=True)) and pass DIR")
+        else:
+            raise RptqError(f"{self.directory} has no {WEIGHTS_NAME} nor {INDEX_NAME}; {self.fix}")
+
+    def _read_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RptqError(f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); "
+                            f"{self.fix}") from None
+        for file in files:
+            if not (self.directory / file).is_file():
+                raise RptqError(f"shard {file} named in {index} is missing; {self.fix}")
+            self._read_header(file)
+        for key, file in weight_map.items():
+            if key not in self._keys.get(file, ()):
+                raise RptqError(f"{index} maps tensor {key} to {file}, which does not hold it; {self.fix}")
+        self.shard_of = dict(weight_map)
+
+    def _read_header(self, file: str) -> None:
+        """Names, dtypes and shapes of one shard; safetensors checks that the data covers the whole file."""
+        path = self.directory / file
+        try:
+            with safe_open(str(path), "pt") as f:
+                self.metadata[file] = f.metadata() or {}
+                keys = list(f.keys())
+                for key in keys:
+                    piece = f.get_slice(key)
+                    self.dtype_of[key], self.shape_of[key] = piece.get_dtype(), tuple(piece.get_shape())
+        except Exception as exc:  # SafetensorError, OSError: the header or the file length is wrong
+            raise RptqError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or corrupted; "
+                            f"{self.fix}") from None
+        self._keys[file] = set(keys)
+
+    def names(self) -> set[str]:
+        return set(self.shard_of)
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, on the CPU, in its stored dtype (a copy: the shard's memory map is closed on return, so
+        the pages read do not stay counted in this process's resident memory)."""
+        path = self.directory / self.shard_of[key]
+        try:
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor(key)
+        except Exception as exc:
+            raise RptqError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or corrupted; "
+                            f"{self.fix}") from None
+
+    def read_many(self, keys):
+        """Yield ``(key, tensor)`` for ``keys``; one tensor in memory per step."""
+        for key in keys:
+            yield key, self.read(key)
+
+
+META = torch.device("meta")
+
+
+def _is_under(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + ".")
+
+
+class StreamedModel:
+    """An HF model whose weights stay in their safetensors files until asked for, module by module.
+
+    ``model`` is built on the meta device (no memory for weights); :meth:`materialize` loads the tensors under
+    a module prefix (``model.layers.3``) into real ``dtype`` tensors, :meth:`release` puts them back on the
+    meta device. Tied tensors (lm_head ↔ embeddings) are one entry: materializing either fills both. Buffers
+    that are computed, not stored (RoPE ``inv_freq``), are built for real with the skeleton.
+    ``files`` is None for a model already in memory (a hub id, loaded whole by transformers, or a model built
+    in the process): then materializing and releasing do nothing.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, family: Family, files: WeightFiles | None,
+                 sources: dict[str, list[str]] | None = None):
+        self.model, self.tokenizer, self.family, self.files = model, tokenizer, family, files
+        self.sources = sources or {}  # file tensor name → every model state name that shares it (tied)
+        self.source_of = {name: key for key, names in self.sources.items() for name in names}
+
+    def materialize(self, prefix: str = "") -> nn.Module:
+        """Load every stored tensor of the module at ``prefix`` still on the meta device; returns the module.
+
+        Meant for modules as the FP model has them: a layer already quantized and released stays released.
+        """
+        self._load(lambda names: any(_is_under(n, prefix) for n in names))
+        return self.model.get_submodule(prefix) if prefix else self.model
+
+    def read(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` (a state name, "lm_head.weight") in the model's dtype, read now and not
+        kept by the model: what a writer takes one tensor at a time."""
+        key = self.source_of[name]
+        old = next(t for t in (_state(self.model, n) for n in self.sources[key]) if t is not None)
+        tensor = self.files.read(key)
+        return tensor.to(old.dtype) if old.is_floating_point() else tensor
+
+    def _load(self, wanted_names) -> None:
+        wanted = [key for key, names in self.sources.items() if wanted_names(names)
+                  and any(getattr(_state(self.model, n), "device", None) == META for n in names)]
+        for key, tensor in (self.files.read_many(wanted) if wanted else ()):
+            names = self.sources[key]
+            old = next(t for t in (_state(self.model, n) for n in names) if t is not None)
+            value = tensor.to(old.dtype) if old.is_floating_point() else tensor
+            if isinstance(old, nn.Parameter):  # one Parameter object for all tied names, as transformers ties
+                value = nn.Parameter(value, requires_grad=old.requires_grad)
+            for name in names:
+                _assign(self.model, name, value)
+            del tensor, value
+
+    def release(self, prefix: str) -> None:
+        """Free every stored tensor under ``prefix`` (FP or already quantized) back to the meta device.
+
+        Does nothing to a model without files (a hub id, or a model built in memory): it could not be reloaded.
+        """
+        if self.files is None:
+            return
+        module = self.model.get_submodule(prefix)
+        for name, old in module.state_dict(keep_vars=True).items():
+            if old.device != META:
+                _assign(module, name, torch.empty_like(old, device=META))
+
+    def materialize_all(self) -> tuple[nn.Module, object, Family]:
+        """The whole model in memory: ``(model, tokenizer, family)``, as :func:`load_model` returns."""
+        self.materialize("")
+        return self.model, self.tokenizer, self.family
+
+
+def _state(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The parameter or buffer ``name`` of ``model`` (None once its module was replaced, e.g. quantized)."""
+    parent, _, leaf = name.rpartition(".")
+    module = model.get_submodule(parent) if parent else model
+    return module._parameters.get(leaf, module._buffers.get(leaf))
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    parent, _, leaf = name.rpartition(".")
+    module = model.get_submodule(parent) if parent else model
+    if leaf in module._parameters:
+        module._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(
+            value, requires_grad=module._parameters[leaf].requires_grad)
+    elif leaf in module._buffers:
+        module._buffers[leaf] = value
+
+
+def _state_groups(model: nn.Module) -> list[list[str]]:
+    """The stored (persistent) state names of ``model``, those sharing one tensor (tied weights) grouped."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def _match_files(model: nn.Module, files: WeightFiles, name: str) -> dict[str, list[str]]:
+    """File tensor → model state names, refusing (strict.require_complete) missing, unexpected or mis-shaped ones.
+
+    A file name is the state name, or the state name without the base model prefix (checkpoints saved from
+    the bare model, like facebook/opt-*). Of tied names, the first one the files hold is read.
+    """
+    present = files.names()
+    strip = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def file_key(state: str) -> str | None:
+        if state in present:
+            return state
+        short = state[len(strip):] if strip != "." and state.startswith(strip) else None
+        return short if short in present else None
+
+    sources, missing, mismatched = {}, [], []
+    for group in _state_groups(model):
+        key = next((k for k in map(file_key, group) if k is not None), None)
+        if key is None:
+            missing.append(group[0])
+            continue
+        if files.shape_of[key] != tuple(_state(model, group[0]).shape):
+            mismatched.append(group[0])
+        sources[key] = group
+    used = {file_key(n) for group in sources.values() for n in group}
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unexpected = [k for k in present - used if not any(p.search(k) for p in ignored)]
+    require_complete({"missing_keys": missing, "unexpected_keys": unexpected, "mismatched_keys": mismatched}, name)
+    return sources
+
+
+def open_model(name: str, dtype: torch.dtype = torch.float32) -> StreamedModel:
+    """The FP model as a :class:`StreamedModel`: config, tokenizer and every check now, weights on demand.
+
+    A local directory (or a ``.gguf`` file, through its dequantized fp16 copy in the cache) is read from its
+    safetensors shards; a hub id is loaded whole by transformers.
+    """
     name = resolve_gguf(name)
     local = Path(name).expanduser() if _looks_local(name) else None
     require_fp_source(name, local)
     config = load_config(name)
     family = family_for(config)
-    path = str(local) if local is not None else name
+    if local is None:
+        model, tokenizer, _ = _load_whole(name, dtype, family)
+        return StreamedModel(model, tokenizer, family, None)
+    files = WeightFiles(local)
     try:
-        with quiet_transformers():  # its load report would add lines; require_complete says what matters
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
-                                                               ignore_mismatched_sizes=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, SafetensorError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RptqError(f"cannot load model {name!r}: {first}; the files are truncated, corrupted or missing") from None
-    require_complete(info, name)
+        with quiet_transformers(), init_empty_weights():  # parameters on meta, computed buffers real
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.tie_weights()  # from_config does not tie on the meta device; tied names must share one tensor
+        tokenizer = AutoTokenizer.from_pretrained(str(local))
+        if (local / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(local))
+    except (OSError, ValueError) as exc:
+        raise RptqError(f"cannot load model {name!r}: {_first_line(exc)}; the files are truncated, corrupted or "
+                        "missing") from None
+    sources = _match_files(model, files, name)
     require_float_weights(local, {key for key, _ in model.named_parameters()}, name)
     require_tokenizer(tokenizer, name)
     model.eval()
     model.config.use_cache = True
+    return StreamedModel(model, tokenizer, family, files, sources)
+
+
+def _load_whole(name: str, dtype: torch.dtype, family: Family) -> tuple[nn.Module, object, Family]:
+    """A hub id through transformers' own loading (whole, in memory), under the same strict checks."""
+    try:
+        with quiet_transformers():  # its load report would add lines; require_complete says what matters
+            model, info = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise RptqError(f"cannot load model {name!r}: {_first_line(exc)}; the files are truncated, corrupted or "
+                        "missing") from None
+    require_complete(info, name)
+    require_tokenizer(tokenizer, name)
+    model.eval()
+    model.config.use_cache = True
     return model, tokenizer, family
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object, Family]:
+    """The FP model on the CPU in ``dtype``, its tokenizer and its family adapter (a ``.gguf`` file is read
+    through its dequantized fp16 copy in the cache)."""
+    return open_model(name, dtype).materialize_all()
 
 
 @contextlib.contextmanager

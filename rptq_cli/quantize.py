@@ -112,21 +112,28 @@ def quantize_layer_weights(layer: nn.Module, family: Family, config: QuantConfig
         replace(layer, path, QuantLinear.from_linear(linear, quantized, acts[point]))
 
 
-def quantize_model(model: nn.Module, family: Family, tokens: torch.Tensor, config: QuantConfig, *,
+def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantConfig, *,
                    stats: StatsFile | None = None, device: str | torch.device = "cpu", batch_size: int = 1,
-                   seed: int = 0, progress: bool = True) -> QuantReport:
-    """Quantize ``model`` in place with RPTQ, calibrating on ``tokens`` [nsamples, seqlen]."""
+                   seed: int = 0, progress: bool = True, writer=None) -> QuantReport:
+    """Quantize ``model`` in place with RPTQ, calibrating on ``tokens`` [nsamples, seqlen].
+
+    ``model``: an in-memory model, or a :class:`~rptq_cli.loading.StreamedModel` whose layers are read from
+    their files one at a time and released once quantized (memory: one layer + the calibration activations).
+    ``writer``: an :class:`~rptq_cli.export.CheckpointWriter` that packs each layer as soon as it is done.
+    """
+    if writer is None and getattr(model, "files", None) is not None:
+        raise ValueError("a streamed model releases each layer once quantized: pass a writer to keep them")
     report = QuantReport()
     runner = LayerRunner(model, family, tokens, device, batch_size)
-    heads = head_layout(family, model.config)
+    heads = head_layout(family, runner.model.config)
     gptq = config.quantizes_weights and config.weight_quantizer == "gptq"
     hidden = runner.inputs
     n = len(runner.layers)
     keep_rows = CLIP_SAMPLE_ROWS if config.act_clip == "mse" else 0
     clock = time.perf_counter
-    for i, layer in enumerate(tqdm(runner.layers, desc=f"quantize {config.label}", unit="layer",
-                                   disable=not progress)):
+    for i in tqdm(range(n), desc=f"quantize {config.label}", unit="layer", disable=not progress):
         tag = f"layer {i + 1}/{n}" if progress else ""
+        layer = runner.materialize(i)
         with runner.on_device(layer):
             t = clock()
             if stats is not None:
@@ -163,4 +170,7 @@ def quantize_model(model: nn.Module, family: Family, tokens: torch.Tensor, confi
             t = clock()
             hidden = runner.forward(layer, hidden, desc=f"{tag} propagate" if tag else "")
             report.seconds["propagate"] += clock() - t
+        if writer is not None:
+            writer.add_module(layer, runner.prefix(i))
+        runner.release(i)
     return report

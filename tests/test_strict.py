@@ -225,6 +225,7 @@ def test_unwritable_output_fails_before_any_work(tiny_opt_dir, corpus_file, tmp_
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     monkeypatch.setattr(loading, "load_model", no_work)
+    monkeypatch.setattr(loading, "open_model", no_work)  # quantize and calibrate stream the model
     result = run("quantize", tiny_opt_dir, *QUICK, "--calib-path", corpus_file, *CALIB, "-o", tmp_path / "out")
     assert_user_error(result, "Read-only file system", "choose another -o")
     assert not (tmp_path / "out").exists()
