@@ -238,7 +238,7 @@ def test_unwritable_output_fails_before_any_work(tiny_opt_dir, corpus_file, tmp_
 def test_checkpoint_records_the_hash_of_every_file(checkpoint):
     from rptq_cli.integrity import file_sha256
     recorded = json.loads((checkpoint / "rptq.json").read_text())["files_sha256"]
-    files = sorted(f.name for f in checkpoint.iterdir() if f.name != "rptq.json")
+    files = sorted(f.name for f in checkpoint.iterdir() if f.name not in ("rptq.json", "README.md"))  # card: never hashed
     assert sorted(recorded) == files and "model.safetensors" in files and "config.json" in files
     assert all(recorded[name] == file_sha256(checkpoint / name) for name in files)
 
