@@ -59,9 +59,10 @@ def refuse_unexportable(config, checkpoint: str) -> None:
     """Activation/KV quantization has no other format; 16-bit weights have nothing to export."""
     if config.quantizes_acts:
         raise RptqError(f"{checkpoint} is {config.label}: its activations or KV cache use static per-cluster scales, "
-                        f"which no other runtime's format expresses; `rptq export` writes weight-only checkpoints "
-                        f"(W4A16, W3A16, W8A16) in the formats {', '.join(FORMATS)}; run this one with rptq "
-                        "(eval, generate, or from_pretrained after `import rptq_cli`)")
+                        "which no other runtime's format (compressed-tensors, GPTQ, AWQ, GGUF) expresses; `rptq "
+                        f"export` writes weight-only checkpoints (W4A16, W3A16, W8A16) as --format "
+                        f"{'|'.join(FORMATS)}; run this one with rptq (eval, generate, or from_pretrained after "
+                        "`import rptq_cli`)")
     if not config.quantizes_weights:
         raise RptqError(f"{checkpoint} keeps its weights in floating point: there is nothing to export; use its "
                         "source model")
