@@ -274,7 +274,8 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, no_verify,
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
     device = resolve_device(device)
-    net, tokenizer, family = _load_any(model, resolve_dtype(dtype, device), verify=not no_verify)
+    compute_dtype = resolve_dtype(dtype, device)
+    net, tokenizer, family = _load_any(model, compute_dtype, verify=not no_verify)
     if family is None and config is not None:
         raise RptqError(f"{model} is already quantized; drop the quantization flags to evaluate it as it is")
     _check_seqlen(seqlen, net.config)
@@ -298,16 +299,17 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, no_verify,
     if json_path:
         _write_json(json_path, {"model": model, "quantization": quantization, "results": results})
     if family is None:
-        _record_evaluation(model, results, dict(zip(tasks, data_paths or tasks)), net, kernels.backend(device))
+        _record_evaluation(model, results, dict(zip(tasks, data_paths or tasks)), compute_dtype,
+                           kernels.backend(device))
     if report_path:
         _write_report(report_path, net, fp_net, next(iter(texts.values())), eval_seqlen, label)
 
 
-def _record_evaluation(checkpoint: str, results: dict, data: dict, net, backend: str) -> None:
+def _record_evaluation(checkpoint: str, results: dict, data: dict, dtype: torch.dtype, backend: str) -> None:
     """Append the results to the checkpoint's rptq.json and model card (a read-only checkpoint is left as is)."""
     from .model_card import record_evaluation, utc_now
     entry = {"date": utc_now(), "command": _command_line(), "tool_version": __version__, "results": results,
-             "data": data, "dtype": str(next(net.parameters()).dtype).removeprefix("torch."), "backend": backend}
+             "data": data, "dtype": str(dtype).removeprefix("torch."), "backend": backend}
     try:
         record_evaluation(Path(checkpoint), entry)
     except OSError as exc:

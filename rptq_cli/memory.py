@@ -77,6 +77,7 @@ class Shapes:
     norms: tuple[tuple[str, int, bool], ...]      # (path, channels, has bias)
     outside: dict = field(default_factory=dict)   # name -> numel of each fp16 tensor outside the layers
     embedding_numel: int = 0                      # of the modules that run before layer 0
+    half_numel: int = 0                           # token embeddings and lm_head: float16 when packed (nn/head.py)
 
     @property
     def layer_params(self) -> int:
@@ -156,11 +157,14 @@ def model_shapes(raw: dict) -> Shapes:
     if getattr(hf_config, "tie_word_embeddings", False):
         outside.pop("lm_head.weight", None)
     embedding = sum(n for k, n in outside.items() if any(k.startswith(e + ".") for e in family.embeddings))
+    vocab_modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    half = sum(outside.get(f"{name}.{p}", 0) for name, m in model.named_modules() if any(m is v for v in vocab_modules)
+               for p in ("weight", "bias"))
     ffn = getattr(hf_config, "ffn_dim", None) or getattr(hf_config, "intermediate_size")
     return Shapes(model_type=model_type, layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
                   intermediate=ffn, n_heads=heads.n_heads, n_kv=heads.n_kv, head_dim=heads.head_dim,
                   vocab=hf_config.vocab_size, rope=family.rope, linears=linears, norms=norms, outside=outside,
-                  embedding_numel=embedding)
+                  embedding_numel=embedding, half_numel=half)
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -342,8 +346,9 @@ def quantize_peak(shapes: Shapes, config: QuantConfig, nsamples: int, seqlen: in
 
 def resident_bytes(shapes: Shapes, config: QuantConfig, groups: Groups | None = None, dtype_bytes: int = 4) -> int:
     """The loaded packed model's tensors (export.load_quantized): packed codes and fp16 scales as stored, zeros
-    unpacked to uint8 [N, G], static act zeros as int32, permutations as int64, every FP tensor (embeddings,
-    lm_head, norms, biases) in the compute dtype; a tied lm_head shares the embedding."""
+    unpacked to uint8 [N, G], static act zeros as int32, permutations as int64, token embeddings and lm_head in
+    float16 (nn/head.py), every other FP tensor (norms, biases, positions) in the compute dtype; a tied lm_head
+    shares the embedding."""
     groups = groups or Groups.nominal(shapes, config)
     total = 0
     for lin in shapes.linears:
@@ -358,7 +363,10 @@ def resident_bytes(shapes: Shapes, config: QuantConfig, groups: Groups | None = 
     total += sum(c * (dtype_bytes * (1 + b) + 8 * packed) for _, c, b in shapes.norms)
     total += sum(_act_resident(config, p, getattr(groups, p)) for p in ("q", "k", "v"))
     total += 8 * shapes.n_kv * shapes.head_dim * shapes.rope * packed
-    return shapes.layers * total + dtype_bytes * sum(shapes.outside.values())
+    outside = sum(shapes.outside.values())
+    if packed:
+        return shapes.layers * total + dtype_bytes * (outside - shapes.half_numel) + 2 * shapes.half_numel
+    return shapes.layers * total + dtype_bytes * outside
 
 
 def _act_resident(config: QuantConfig, point: str, groups: int) -> int:

@@ -251,3 +251,19 @@ def test_compiled_kernels_match_the_reference_backend(checkpoint, monkeypatch):
         reference = perplexity(model, text, seqlen=64, progress=False)["ppl"]
         monkeypatch.delenv("RPTQ_KERNELS")
         assert abs(compiled - reference) / reference < 1e-3, (compiled, reference)
+
+
+def test_embeddings_and_lm_head_stay_float16(checkpoint):
+    """The packed model keeps the vocabulary tables as stored (float16); logits lose at most ~1e-3 relative."""
+    from rptq_cli.nn.head import HalfEmbedding, HalfLinear
+    model, _ = load_quantized(checkpoint[0])
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(embed, HalfEmbedding) and isinstance(head, HalfLinear)
+    assert embed.weight.dtype == head.weight.dtype == torch.float16
+    ids = torch.arange(10)[None]
+    assert embed(ids).dtype == torch.float32
+    x = torch.randn(3, head.in_features) * 4
+    exact = x.double() @ head.weight.double().T
+    got = head(x)
+    assert got.dtype == torch.float32
+    assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-3
