@@ -552,6 +552,64 @@ def export(checkpoint, fmt, output, force, no_verify):
     click.echo(f"wrote {output}: compressed-tensors pack-quantized, {summary['bits']}-bit, {groups}")
 
 
+def _is_inspect_png(path: Path) -> bool:
+    """A figure `rptq inspect` wrote (its PNG text chunk says so)."""
+    with contextlib.suppress(OSError):
+        head = path.read_bytes()[:4096]
+        return head.startswith(b"\x89PNG") and b"rptq inspect" in head
+    return False
+
+
+def _is_inspect_json(path: Path) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        return isinstance(data, dict) and {"source", "layer", "point", "clusters"} <= set(data)
+    return False
+
+
+@main.command()
+@click.argument("source", metavar="MODEL_OR_STATS")
+@click.option("--layer", required=True, type=int, help="Decoder layer (0-based).")
+@click.option("--point", default="R1", show_default=True, type=click.Choice(["R1", "R2", "R3", "R4", "R5"]),
+              help="Reorder point (R2 shows K, R3 shows V).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(1), default=None,
+              help="Clusters at this point (per head for R2/R3) [as `rptq quantize`: 32, or 4 per head].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="PNG to write.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the ranges, clusters and summary as JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing -o / --json file (only one rptq inspect wrote).")
+@calib_options
+@model_options
+@_run
+def inspect(source, layer, point, n_clusters, output, json_path, force, calib_dataset, calib_path, nsamples, seqlen,
+            seed, batch_size, device, dtype):
+    """The paper's Fig. 1: each channel's calibrated (min, max) at one point, coloured by cluster, before and
+    after the reorder. MODEL_OR_STATS: a stats file from `rptq calibrate`, or a model (calibrated here)."""
+    from .calibrate import StatsFile, is_stats_file
+    from .inspect_ranges import inspect_layer
+    if output is None and json_path is None:
+        raise RptqError("nothing to write: give -o ranges.png and/or --json ranges.json")
+    if output:
+        _prepare_output(output, force, is_ours=_is_inspect_png, kind="inspect PNG", directory=False)
+    if json_path:
+        _prepare_output(json_path, force, is_ours=_is_inspect_json, kind="inspect JSON", directory=False)
+    stats_file = StatsFile.load(source) if is_stats_file(Path(source)) else None
+
+    def calibration(tokenizer, net_config):
+        _check_seqlen(seqlen, net_config)
+        return _calibration(tokenizer, net_config, None, calib_dataset, calib_path, nsamples, seqlen, seed)
+
+    summary, text = inspect_layer(source, stats_file, layer, point, n_clusters=n_clusters, seed=seed,
+                                  calibration=calibration, device=device, dtype=dtype, batch_size=batch_size,
+                                  png=output)
+    click.echo(text)
+    if json_path:
+        _write_json(json_path, summary)
+    for path in (output, json_path):
+        if path:
+            click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.option("--quick", is_flag=True, help="Fewer shapes and repeats (about a minute).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON.")
