@@ -243,26 +243,45 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--task", "tasks", multiple=True, default=["wikitext"], show_default=True,
-              type=click.Choice(["wikitext", "ptb", "c4"]), help="Perplexity task (repeatable).")
+@click.option("--task", "tasks", multiple=True, type=click.Choice(["wikitext", "ptb", "c4"]),
+              help="Perplexity task (repeatable) [wikitext, unless only --lm-eval-task is given].")
 @click.option("--data-path", "data_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Local text for the task instead of the hub (one per --task, in order).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write per-quantizer error diagnostics (relative MSE, clipped tokens, extremes, KL vs FP) as JSON.")
 @click.option("--force", is_flag=True, help="Replace an existing --json / --report file (only one rptq wrote).")
+@click.option("--lm-eval-task", "lm_eval_tasks", multiple=True,
+              help="lm-evaluation-harness task (repeatable), e.g. piqa, arc_easy: acc and acc_norm.")
+@click.option("--lm-eval-include", type=click.Path(file_okay=False), default=None,
+              help="Folder of your own lm-eval task YAMLs (e.g. local json data_files).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Documents per lm-eval task [all].")
+@click.option("--num-fewshot", type=click.IntRange(0), default=None, help="Few-shot examples per lm-eval task [0].")
 @verify_option
 @quant_options
 @calib_options
 @model_options
 @_run
-def eval_cmd(model, tasks, data_paths, json_path, report_path, force, no_verify, preset, wbits, abits, kv_only,
-             mode, weight_quantizer, weight_groups, clusters, no_reorder, act_clip, stats_path, calib_dataset,
-             calib_path, nsamples, seqlen, seed, batch_size, device, dtype):
-    """GPTQ-protocol perplexity of an FP model or a simulated RPTQ quantization."""
+def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_tasks, lm_eval_include, limit,
+             num_fewshot, no_verify, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
+             no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
+             dtype):
+    """GPTQ-protocol perplexity (and lm-eval accuracy) of an FP model, a simulated RPTQ quantization or a
+    checkpoint."""
     from .data import eval_tokens
     from .evaluate import perplexity
     from .loading import default_seqlen, resolve_device, resolve_dtype
+    tasks = tasks or (() if lm_eval_tasks else ("wikitext",))
+    if lm_eval_tasks:
+        from .lm_eval_bridge import _lm_eval
+        _lm_eval()  # a missing lm-eval is said before anything is loaded
+        if set(lm_eval_tasks) & set(tasks):
+            raise RptqError(f"--lm-eval-task {sorted(set(lm_eval_tasks) & set(tasks))[0]} is also a --task; "
+                            "results are keyed by task name: drop one of them")
+    elif lm_eval_include or limit or num_fewshot is not None:
+        raise RptqError("--lm-eval-include, --limit and --num-fewshot apply to lm-eval tasks; add --lm-eval-task NAME")
+    if report_path and not tasks:
+        raise RptqError("--report measures on a perplexity text; add --task (and --data-path)")
     if data_paths and len(data_paths) != len(tasks):
         raise RptqError(f"{len(data_paths)} --data-path for {len(tasks)} --task; give one file per task, in order")
     if json_path:
@@ -295,10 +314,19 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, no_verify,
     label = quantization["label"] if quantization else "FP"
     for task, r in results.items():
         click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
+    data = dict(zip(tasks, data_paths or tasks))
+    if lm_eval_tasks:
+        from .lm_eval_bridge import evaluate_tasks, format_metrics
+        accuracy = evaluate_tasks(net, tokenizer, lm_eval_tasks, include=lm_eval_include, limit=limit,
+                                  num_fewshot=num_fewshot, batch_size=batch_size)
+        for task, r in accuracy.items():
+            click.echo(f"{model}  {label}  {task}: {format_metrics(r)}")
+        results.update(accuracy)
+        data.update({task: f"lm-eval {lm_eval_include or ''}".strip() for task in accuracy})
     if json_path:
         _write_json(json_path, {"model": model, "quantization": quantization, "results": results})
     if family is None:
-        _record_evaluation(model, results, dict(zip(tasks, data_paths or tasks)), net, kernels.backend(device))
+        _record_evaluation(model, results, data, net, kernels.backend(device))
     if report_path:
         _write_report(report_path, net, fp_net, next(iter(texts.values())), eval_seqlen, label)
 
