@@ -272,9 +272,11 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_ta
     from .evaluate import perplexity
     from .loading import default_seqlen, resolve_device, resolve_dtype
     tasks = tasks or (() if lm_eval_tasks else ("wikitext",))
+    lm_eval_manager = None
     if lm_eval_tasks:
-        from .lm_eval_bridge import _lm_eval
-        _lm_eval()  # a missing lm-eval is said before anything is loaded
+        from .lm_eval_bridge import task_manager
+        # a missing lm-eval or an unknown task is said before anything is loaded
+        lm_eval_manager = task_manager(list(lm_eval_tasks), lm_eval_include)
         if set(lm_eval_tasks) & set(tasks):
             raise RptqError(f"--lm-eval-task {sorted(set(lm_eval_tasks) & set(tasks))[0]} is also a --task; "
                             "results are keyed by task name: drop one of them")
@@ -317,7 +319,7 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_ta
     data = dict(zip(tasks, data_paths or tasks))
     if lm_eval_tasks:
         from .lm_eval_bridge import evaluate_tasks, format_metrics
-        accuracy = evaluate_tasks(net, tokenizer, lm_eval_tasks, include=lm_eval_include, limit=limit,
+        accuracy = evaluate_tasks(net, tokenizer, lm_eval_tasks, manager=lm_eval_manager, limit=limit,
                                   num_fewshot=num_fewshot, batch_size=batch_size)
         for task, r in accuracy.items():
             click.echo(f"{model}  {label}  {task}: {format_metrics(r)}")

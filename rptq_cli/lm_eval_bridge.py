@@ -81,14 +81,15 @@ def _quiet():
         logger.setLevel(level)
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], *, include: str | None = None, limit: int | None = None,
-                   num_fewshot: int | None = None, batch_size: int = 1) -> dict:
+def evaluate_tasks(model, tokenizer, tasks: list[str], *, include: str | None = None, manager=None,
+                   limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 1) -> dict:
     """Run lm-eval ``tasks`` on ``model`` (a transformers model object, on its device) → :func:`task_metrics`.
 
+    ``manager``: a :func:`task_manager` already made for these tasks (else one is made from ``include``).
     The defaults are lm-eval's (seeds, prompts); stderr bootstrap is off (it forks a process pool).
     """
     simple_evaluate, HFLM, _ = _lm_eval()
-    manager = task_manager(list(tasks), include)
+    manager = manager or task_manager(list(tasks), include)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
