@@ -173,7 +173,7 @@ def _pyplot():
 
 
 def _colors(n: int):
-    """n colours, neighbouring clusters always far apart (tab10 then tab20b, cycled)."""
+    """n colours, neighbouring clusters always far apart (tab10 then Dark2, cycled)."""
     from matplotlib import colormaps
     palette = list(colormaps["tab10"].colors) + list(colormaps["Dark2"].colors)
     return [palette[i % len(palette)] for i in range(n)]
@@ -182,7 +182,8 @@ def _colors(n: int):
 def _bars(ax, lo, hi, colors, order) -> None:
     """One vertical line per channel from its min to its max (x = position in ``order``)."""
     x = torch.arange(len(order)).numpy()
-    ax.vlines(x, lo[order].numpy(), hi[order].numpy(), colors=[colors[i] for i in order], linewidth=1.0)
+    width = max(0.2, min(1.2, 900 / len(order)))  # about one line per pixel column, however many channels
+    ax.vlines(x, lo[order].numpy(), hi[order].numpy(), colors=[colors[i] for i in order], linewidth=width)
     ax.axhline(0, color="0.6", linewidth=0.5, zorder=0)
     ax.set_xlim(-1, len(order))
     ax.margins(y=0.04)
