@@ -243,26 +243,47 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--task", "tasks", multiple=True, default=["wikitext"], show_default=True,
-              type=click.Choice(["wikitext", "ptb", "c4"]), help="Perplexity task (repeatable).")
+@click.option("--task", "tasks", multiple=True, type=click.Choice(["wikitext", "ptb", "c4"]),
+              help="Perplexity task (repeatable) [wikitext, unless only --lm-eval-task is given].")
 @click.option("--data-path", "data_paths", multiple=True, type=click.Path(dir_okay=False),
               help="Local text for the task instead of the hub (one per --task, in order).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write results as JSON.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write per-quantizer error diagnostics (relative MSE, clipped tokens, extremes, KL vs FP) as JSON.")
 @click.option("--force", is_flag=True, help="Replace an existing --json / --report file (only one rptq wrote).")
+@click.option("--lm-eval-task", "lm_eval_tasks", multiple=True,
+              help="lm-evaluation-harness task (repeatable), e.g. piqa, arc_easy: acc and acc_norm.")
+@click.option("--lm-eval-include", type=click.Path(file_okay=False), default=None,
+              help="Folder of your own lm-eval task YAMLs (e.g. local json data_files).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Documents per lm-eval task [all].")
+@click.option("--num-fewshot", type=click.IntRange(0), default=None, help="Few-shot examples per lm-eval task [0].")
 @verify_option
 @quant_options
 @calib_options
 @model_options
 @_run
-def eval_cmd(model, tasks, data_paths, json_path, report_path, force, no_verify, preset, wbits, abits, kv_only,
-             mode, weight_quantizer, weight_groups, clusters, no_reorder, act_clip, stats_path, calib_dataset,
-             calib_path, nsamples, seqlen, seed, batch_size, device, dtype):
-    """GPTQ-protocol perplexity of an FP model or a simulated RPTQ quantization."""
+def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_tasks, lm_eval_include, limit,
+             num_fewshot, no_verify, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
+             no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
+             dtype):
+    """GPTQ-protocol perplexity (and lm-eval accuracy) of an FP model, a simulated RPTQ quantization or a
+    checkpoint."""
     from .data import eval_tokens
     from .evaluate import perplexity
     from .loading import default_seqlen, resolve_device, resolve_dtype
+    tasks = tasks or (() if lm_eval_tasks else ("wikitext",))
+    lm_eval_manager = None
+    if lm_eval_tasks:
+        from .lm_eval_bridge import task_manager
+        # a missing lm-eval or an unknown task is said before anything is loaded
+        lm_eval_manager = task_manager(list(lm_eval_tasks), lm_eval_include)
+        if set(lm_eval_tasks) & set(tasks):
+            raise RptqError(f"--lm-eval-task {sorted(set(lm_eval_tasks) & set(tasks))[0]} is also a --task; "
+                            "results are keyed by task name: drop one of them")
+    elif lm_eval_include or limit or num_fewshot is not None:
+        raise RptqError("--lm-eval-include, --limit and --num-fewshot apply to lm-eval tasks; add --lm-eval-task NAME")
+    if report_path and not tasks:
+        raise RptqError("--report measures on a perplexity text; add --task (and --data-path)")
     if data_paths and len(data_paths) != len(tasks):
         raise RptqError(f"{len(data_paths)} --data-path for {len(tasks)} --task; give one file per task, in order")
     if json_path:
@@ -296,11 +317,19 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, no_verify,
     label = quantization["label"] if quantization else "FP"
     for task, r in results.items():
         click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
+    data = dict(zip(tasks, data_paths or tasks))
+    if lm_eval_tasks:
+        from .lm_eval_bridge import evaluate_tasks, format_metrics
+        accuracy = evaluate_tasks(net, tokenizer, lm_eval_tasks, manager=lm_eval_manager, limit=limit,
+                                  num_fewshot=num_fewshot, batch_size=batch_size)
+        for task, r in accuracy.items():
+            click.echo(f"{model}  {label}  {task}: {format_metrics(r)}")
+        results.update(accuracy)
+        data.update({task: f"lm-eval {lm_eval_include or ''}".strip() for task in accuracy})
     if json_path:
         _write_json(json_path, {"model": model, "quantization": quantization, "results": results})
     if family is None:
-        _record_evaluation(model, results, dict(zip(tasks, data_paths or tasks)), compute_dtype,
-                           kernels.backend(device))
+        _record_evaluation(model, results, data, compute_dtype, kernels.backend(device))
     if report_path:
         _write_report(report_path, net, fp_net, next(iter(texts.values())), eval_seqlen, label)
 
@@ -552,6 +581,64 @@ def export(checkpoint, fmt, output, force, no_verify):
     groups = "per channel" if summary["group_size"] is None else (
         f"groups of {summary['group_size']}" + (" (act-order, g_idx)" if summary["actorder"] else ""))
     click.echo(f"wrote {output}: compressed-tensors pack-quantized, {summary['bits']}-bit, {groups}")
+
+
+def _is_inspect_png(path: Path) -> bool:
+    """A figure `rptq inspect` wrote (its PNG text chunk says so)."""
+    with contextlib.suppress(OSError):
+        head = path.read_bytes()[:4096]
+        return head.startswith(b"\x89PNG") and b"rptq inspect" in head
+    return False
+
+
+def _is_inspect_json(path: Path) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text())
+        return isinstance(data, dict) and {"source", "layer", "point", "clusters"} <= set(data)
+    return False
+
+
+@main.command()
+@click.argument("source", metavar="MODEL_OR_STATS")
+@click.option("--layer", required=True, type=int, help="Decoder layer (0-based).")
+@click.option("--point", default="R1", show_default=True, type=click.Choice(["R1", "R2", "R3", "R4", "R5"]),
+              help="Reorder point (R2 shows K, R3 shows V).")
+@click.option("--clusters", "n_clusters", type=click.IntRange(1), default=None,
+              help="Clusters at this point (per head for R2/R3) [as `rptq quantize`: 32, or 4 per head].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="PNG to write.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the ranges, clusters and summary as JSON.")
+@click.option("--force", is_flag=True, help="Replace an existing -o / --json file (only one rptq inspect wrote).")
+@calib_options
+@model_options
+@_run
+def inspect(source, layer, point, n_clusters, output, json_path, force, calib_dataset, calib_path, nsamples, seqlen,
+            seed, batch_size, device, dtype):
+    """The paper's Fig. 1: each channel's calibrated (min, max) at one point, coloured by cluster, before and
+    after the reorder. MODEL_OR_STATS: a stats file from `rptq calibrate`, or a model (calibrated here)."""
+    from .calibrate import StatsFile, is_stats_file
+    from .inspect_ranges import inspect_layer
+    if output is None and json_path is None:
+        raise RptqError("nothing to write: give -o ranges.png and/or --json ranges.json")
+    if output:
+        _prepare_output(output, force, is_ours=_is_inspect_png, kind="inspect PNG", directory=False)
+    if json_path:
+        _prepare_output(json_path, force, is_ours=_is_inspect_json, kind="inspect JSON", directory=False)
+    stats_file = StatsFile.load(source) if is_stats_file(Path(source)) else None
+
+    def calibration(tokenizer, net_config):
+        _check_seqlen(seqlen, net_config)
+        return _calibration(tokenizer, net_config, None, calib_dataset, calib_path, nsamples, seqlen, seed)
+
+    summary, text = inspect_layer(source, stats_file, layer, point, n_clusters=n_clusters, seed=seed,
+                                  calibration=calibration, device=device, dtype=dtype, batch_size=batch_size,
+                                  png=output)
+    click.echo(text)
+    if json_path:
+        _write_json(json_path, summary)
+    for path in (output, json_path):
+        if path:
+            click.echo(f"wrote {path}")
 
 
 @main.command()

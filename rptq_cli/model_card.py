@@ -53,7 +53,8 @@ def _evaluation_rows(evaluations: list[dict]) -> list[tuple]:
     rows = []
     for e in evaluations:
         for task, r in sorted((e.get("results") or {}).items()):
-            metric = f"ppl {r['ppl']:.3f}" if "ppl" in r else ", ".join(f"{k} {v}" for k, v in sorted(r.items()))
+            metric = f"ppl {r['ppl']:.3f}" if "ppl" in r else ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(r.items()))
             size = f"{r.get('windows', '?')} × {r.get('seqlen', '?')}" if "windows" in r else ""
             rows.append((e.get("date", ""), task, metric, size, (e.get("data") or {}).get(task, ""),
                          e.get("dtype", ""), e.get("backend", ""), f"`{e.get('command', '')}`"))
