@@ -114,12 +114,14 @@ def quantize_layer_weights(layer: nn.Module, family: Family, config: QuantConfig
 
 def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantConfig, *,
                    stats: StatsFile | None = None, device: str | torch.device = "cpu", batch_size: int = 1,
-                   seed: int = 0, progress: bool = True, writer=None) -> QuantReport:
+                   seed: int = 0, progress: bool = True, writer=None, resume=None) -> QuantReport:
     """Quantize ``model`` in place with RPTQ, calibrating on ``tokens`` [nsamples, seqlen].
 
     ``model``: an in-memory model, or a :class:`~rptq_cli.loading.StreamedModel` whose layers are read from
     their files one at a time and released once quantized (memory: one layer + the calibration activations).
     ``writer``: an :class:`~rptq_cli.export.CheckpointWriter` that packs each layer as soon as it is done.
+    ``resume``: a :class:`~rptq_cli.resume.ResumableRun` that records each finished layer durably and, for a
+    resumed run, gives the first unfinished layer and the activations entering it (the loop starts there).
     """
     if writer is None and getattr(model, "files", None) is not None:
         raise ValueError("a streamed model releases each layer once quantized: pass a writer to keep them")
@@ -131,7 +133,14 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
     n = len(runner.layers)
     keep_rows = CLIP_SAMPLE_ROWS if config.act_clip == "mse" else 0
     clock = time.perf_counter
-    for i in tqdm(range(n), desc=f"quantize {config.label}", unit="layer", disable=not progress):
+    start = 0
+    if resume is not None:
+        start, saved, seconds = resume.restore()
+        if start:
+            hidden = saved  # the quantized layer start-1's outputs, as the uninterrupted run propagated them
+            report.seconds.update(seconds)
+    for i in tqdm(range(start, n), desc=f"quantize {config.label}", unit="layer", disable=not progress,
+                  initial=start, total=n):
         tag = f"layer {i + 1}/{n}" if progress else ""
         layer = runner.materialize(i)
         with runner.on_device(layer):
@@ -173,4 +182,6 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
         if writer is not None:
             writer.add_module(layer, runner.prefix(i))
         runner.release(i)
+        if resume is not None:
+            resume.layer_done(i + 1, n, hidden, dict(report.seconds))
     return report
