@@ -443,9 +443,19 @@ def quantize(model, output, force, resume, preset, wbits, abits, kv_only, mode, 
                       "stats_file": stats_path,
                       "seconds": {"load": round(load_seconds, 3), **quantization["seconds"]}}
         save_quantized(net, tokenizer, config, output, provenance=provenance, force=force, writer=writer)
-    total = load_seconds + sum(quantization["seconds"].values()) + time.perf_counter() - start
+    write_seconds = time.perf_counter() - start
+    total = load_seconds + sum(quantization["seconds"].values()) + write_seconds
     click.echo(f"wrote {output} ({config.label}, {config.mode} mode) in {total:.1f}s")
     click.echo(checkpoint_summary(Path(output), model, net))
+    click.echo(_time_and_memory_line({"load": load_seconds, **quantization["seconds"], "write": write_seconds}))
+
+
+def _time_and_memory_line(seconds: dict) -> str:
+    """Peak resident memory of this process and the seconds of each phase (the layer phases summed over layers;
+    after --resume they include the interrupted run's)."""
+    from .bench_e2e import peak_rss_mb
+    phases = ", ".join(f"{name} {value:.1f}s" for name, value in seconds.items())
+    return f"peak RSS {peak_rss_mb() / 1024:.2f} GiB; time per phase: {phases}"
 
 
 @main.command()
