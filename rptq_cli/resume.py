@@ -184,26 +184,48 @@ class ResumableRun:
                 raise RptqError(f"cannot resume: {what}; resume with the same inputs, or delete {self.directory} "
                                 "to start over")
         self.fingerprint = fingerprint
-        self.writer.keep_on_abort = False
 
     def restore(self) -> tuple[int, torch.Tensor | None, dict]:
         """``(finished layers K, activations entering layer K or None, seconds so far)``; restores the writer."""
         if self.record is None:
             return 0, None, {}
         record = self.record
-        self.writer.shards.restore(record["shards"])
-        self.writer.written = tuple(record["written"])
-        hidden = None
-        if record.get("hidden"):
-            h = record["hidden"]
-            raw = torch.from_numpy(np.fromfile(self.directory / h["file"], dtype=np.uint8))
-            hidden = raw.view(getattr(torch, h["dtype"])).reshape(h["shape"])
+        assert self.fingerprint is not None, "begin() first: the fingerprint decides whether to resume"
+        try:
+            self._check_files(record)
+            self.writer.shards.restore(record["shards"])
+            self.writer.written = tuple(record["written"])
+            hidden = None
+            if record.get("hidden"):
+                h = record["hidden"]
+                raw = torch.from_numpy(np.fromfile(self.directory / h["file"], dtype=np.uint8))
+                hidden = raw.view(getattr(torch, h["dtype"])).reshape(h["shape"])
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, OSError) as exc:
+            raise RptqError(f"the record of the interrupted run in {self.directory} is damaged ({type(exc).__name__}: "
+                            f"{exc}); delete that directory to start over") from None
+        self.writer.keep_on_abort = False  # accepted and restored: from here on a failure cleans up as usual
         for f in self.directory.glob("hidden-*.bin"):
             if not record.get("hidden") or f.name != record["hidden"]["file"]:
                 f.unlink()
         self.echo(f"resuming at layer {record['done'] + 1}/{record['layers']} ({record['done']} finished layers "
                   f"kept in {self.directory})")
         return record["done"], hidden, dict(record.get("seconds") or {})
+
+    def _check_files(self, record: dict) -> None:
+        """Every file the record names is there, at least as long as recorded (else it is not what we wrote)."""
+        shards = record["shards"]
+        for file, _ in shards["done"]:
+            if not (self.directory / file).is_file():
+                raise OSError(f"shard {file} is missing")
+        if shards["entries"]:
+            spill = self.directory / f".spill-{len(shards['done'])}"
+            if not spill.is_file() or spill.stat().st_size < shards["size"]:
+                raise OSError(f"{spill.name} is shorter than recorded")
+        if record.get("hidden"):
+            h = record["hidden"]
+            nbytes = int(np.prod(h["shape"])) * torch.empty((), dtype=getattr(torch, h["dtype"])).element_size()
+            if (self.directory / h["file"]).stat().st_size != nbytes:
+                raise OSError(f"{h['file']} is not {nbytes} bytes long")
 
     def layer_done(self, done: int, layers: int, hidden: torch.Tensor | None, seconds: dict) -> None:
         """Make the first ``done`` layers durable; ``hidden``: the activations entering layer ``done``."""

@@ -139,3 +139,16 @@ def test_shard_writer_restore_after_crash(tmp_path):
     reference = write(tmp_path / "a")
     assert len(reference) > 2  # several shards and an index
     assert write(tmp_path / "b", crash_at=5) == reference
+
+
+def test_damaged_record_is_refused(tiny4, corpus_file, tmp_path):
+    out = tmp_path / "q"
+    assert quantize(tiny4, corpus_file, out, kill_after=1).returncode == -signal.SIGKILL
+    [left] = resumable_dirs(tmp_path, "q")
+    hidden = left / "hidden-1.bin"
+    hidden.write_bytes(hidden.read_bytes()[:-4])
+    refused = quantize(tiny4, corpus_file, out, "--resume")
+    assert refused.returncode == 2, refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is damaged" in errors[0] and "delete that directory" in errors[0], refused.stderr
+    assert resumable_dirs(tmp_path, "q") and not out.exists()  # left for the user to look at and delete
