@@ -364,8 +364,9 @@ def _write_report(path: str, net, fp_net, tokens, seqlen: int, label: str) -> No
 
 
 def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path, nsamples, seqlen,
-                        seed, batch_size, device, writer=None) -> dict:
-    """``net``: a model in memory or a StreamedModel; ``writer``: packs each layer when done (export.py)."""
+                        seed, batch_size, device, writer=None, resume=None, fingerprint=None) -> dict:
+    """``net``: a model in memory or a StreamedModel; ``writer``: packs each layer when done (export.py);
+    ``resume``: a ResumableRun (resume.py), given ``fingerprint(tokens, provenance)`` of this run's inputs."""
     from .calibrate import StatsFile
     from .quantize import quantize_model
     net_config = getattr(net, "model", net).config
@@ -375,8 +376,12 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
         stats.check_model(net_config, family, stats_path)
     _fit_clusters(config, net_config, family)
     tokens, provenance = _calibration(tokenizer, net_config, stats, calib_dataset, calib_path, nsamples, seqlen, seed)
+    if resume is not None:
+        resume.begin(fingerprint(tokens, provenance))  # refuses before any layer is touched
     report = quantize_model(net, family, tokens, config, stats=stats, device=device, batch_size=batch_size,
-                            seed=provenance["seed"], writer=writer)
+                            seed=provenance["seed"], writer=writer, resume=resume)
+    if resume is not None:
+        resume.finish()
     return {"label": config.label, **config.to_dict(), "calibration": provenance,
             "seconds": {k: round(v, 3) for k, v in report.seconds.items()}}
 
@@ -413,16 +418,25 @@ def _load_any(model: str, dtype, verify: bool = True):
 @click.option("--force", is_flag=True,
               help="Replace an existing rptq checkpoint (or empty) directory; never anything else.")
 @quant_options
+@click.option("--resume", is_flag=True,
+              help="Continue a killed run on the same -o at its first unfinished layer (same inputs required; the "
+                   "result is byte-identical to an uninterrupted run).")
 @calib_options
 @model_options
 @_run
-def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-             no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
-             dtype):
-    """Quantize MODEL with RPTQ and write a packed checkpoint directory."""
+def quantize(model, output, force, resume, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups,
+             clusters, no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size,
+             device, dtype):
+    """Quantize MODEL with RPTQ and write a packed checkpoint directory.
+
+    Finished layers are kept durably in a temporary directory beside -o; after a crash or kill, the same command
+    with --resume continues at the first unfinished layer. Without --resume such a directory is refused."""
     from .export import CheckpointWriter, is_quantized_checkpoint, save_quantized, source_hashes
     from .loading import open_model, resolve_device, resolve_dtype
     from .report import checkpoint_summary
+    from .resume import ResumableRun, claim_interrupted, fingerprint, new_directory
+    # the killed run's directory is found (and taken over) before the stale-temporary cleanup would remove it
+    resumed = claim_interrupted(output, resume, lambda line: click.echo(line, err=True))
     _prepare_output(output, force, is_ours=is_quantized_checkpoint, kind="checkpoint directory", directory=True,
                     sources=(model,))  # before the expensive part, not only when writing
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
@@ -431,23 +445,48 @@ def quantize(model, output, force, preset, wbits, abits, kv_only, mode, weight_q
         raise RptqError("nothing to quantize: give --wbits/--abits below 16 or a --config preset (e.g. w4a4kv)")
     device = resolve_device(device)
     start = time.perf_counter()
-    streamed = open_model(model, resolve_dtype(dtype, device))  # weights stay in their files until needed
+    compute_dtype = resolve_dtype(dtype, device)
+    streamed = open_model(model, compute_dtype)  # weights stay in their files until needed
     net, tokenizer, family = streamed.model, streamed.tokenizer, streamed.family
     _check_seqlen(seqlen, net.config)
     load_seconds = time.perf_counter() - start
+    model_files = source_hashes(model)
+
+    def inputs_fingerprint(tokens, calibration):
+        return fingerprint(model=model, model_files=model_files, model_config=net.config, quant_config=config,
+                           calibration=calibration, tokens=tokens, stats_path=stats_path, dtype=compute_dtype,
+                           device=device, batch_size=batch_size)
+
     # each layer is read, quantized, packed into the checkpoint's shards and released in turn
-    with CheckpointWriter(output, force=force, source=model, fetch=streamed.read) as writer:
+    directory = resumed if resumed is not None else new_directory(output)  # created by the writer
+    with CheckpointWriter(output, force=force, source=model, fetch=streamed.read, directory=directory) as writer:
+        run = ResumableRun(writer, echo=lambda line: click.echo(line, err=True))
         quantization = _quantize_in_memory(streamed, family, tokenizer, config, stats_path, calib_dataset,
-                                           calib_path, nsamples, seqlen, seed, batch_size, device, writer)
+                                           calib_path, nsamples, seqlen, seed, batch_size, device, writer,
+                                           resume=run, fingerprint=inputs_fingerprint)
         start = time.perf_counter()
-        provenance = {"source_model": model, "source_files_sha256": source_hashes(model),
-                      "command": _command_line(), "calibration": quantization["calibration"],
+        argv = click.get_current_context().meta.get("argv")
+        from .model_card import command_line
+        # --resume changes how the checkpoint was reached, not what it is: the recorded command leaves it out
+        command = command_line([a for a in argv if a != "--resume"] if argv is not None else None)
+        provenance = {"source_model": model, "source_files_sha256": model_files,
+                      "command": command, "calibration": quantization["calibration"],
                       "stats_file": stats_path,
                       "seconds": {"load": round(load_seconds, 3), **quantization["seconds"]}}
         save_quantized(net, tokenizer, config, output, provenance=provenance, force=force, writer=writer)
-    total = load_seconds + sum(quantization["seconds"].values()) + time.perf_counter() - start
+    write_seconds = time.perf_counter() - start
+    total = load_seconds + sum(quantization["seconds"].values()) + write_seconds
     click.echo(f"wrote {output} ({config.label}, {config.mode} mode) in {total:.1f}s")
     click.echo(checkpoint_summary(Path(output), model, net))
+    click.echo(_time_and_memory_line({"load": load_seconds, **quantization["seconds"], "write": write_seconds}))
+
+
+def _time_and_memory_line(seconds: dict) -> str:
+    """Peak resident memory of this process and the seconds of each phase (the layer phases summed over layers;
+    after --resume they include the interrupted run's)."""
+    from .bench_e2e import peak_rss_mb
+    phases = ", ".join(f"{name} {value:.1f}s" for name, value in seconds.items())
+    return f"peak RSS {peak_rss_mb() / 1024:.2f} GiB; time per phase: {phases}"
 
 
 @main.command()

@@ -164,11 +164,16 @@ class ShardWriter:
     ``model.safetensors.index.json``.
     """
 
-    def __init__(self, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES, metadata: dict | None = None):
+    def __init__(self, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES, metadata: dict | None = None,
+                 durable: bool = False):
+        """``durable``: resumable writing (resume.py): assembled shards are fsynced and a consumed spill file is
+        kept until :meth:`drop_consumed` (the last saved :meth:`state` may still name it)."""
         self.directory, self.max_shard_bytes, self.metadata = Path(directory), max_shard_bytes, metadata
+        self.durable = durable
         self.done: list[tuple[Path, list[str]]] = []  # assembled shards: (file, tensor names)
         self.entries: list[tuple[str, str, list[int], int, int]] = []  # name, dtype, shape, spill offset, bytes
         self.size, self.total, self.spill = 0, 0, None
+        self.consumed: list[str] = []  # spill files assembled into a shard, not deleted yet (durable only)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append one tensor (any device; written as its contiguous little-endian bytes)."""
@@ -208,16 +213,58 @@ class ShardWriter:
             out.flush()
             for *_, offset, nbytes in order:
                 _copy_range(spill, out, offset, nbytes)
+            if self.durable:
+                os.fsync(out.fileno())
         if spill is not None:
             spill.close()
-            os.unlink(spill.name)
+            if self.durable:
+                self.consumed.append(spill.name)
+            else:
+                os.unlink(spill.name)
         self.done.append((file, names))
         self.entries, self.size = [], 0
+
+    # ---- resumable writing (resume.py): what is on disk after the last finished layer, and back
+
+    def sync(self) -> None:
+        """Flush the spill file to the disk: every tensor added so far survives a crash (or power loss)."""
+        if self.spill is not None:
+            self.spill.flush()
+            os.fsync(self.spill.fileno())
+
+    def state(self) -> dict:
+        """What :meth:`restore` needs to continue after the tensors added so far (JSON-serializable)."""
+        return {"done": [[file.name, names] for file, names in self.done], "entries": [list(e) for e in self.entries],
+                "size": self.size, "total": self.total}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`: the assembled shards as they are, the current spill file cut back to the
+        recorded size (a crash may have left part of the next layer in it); other leftovers are removed."""
+        self.done = [(self.directory / file, list(names)) for file, names in state["done"]]
+        self.entries = [(n, d, list(shape), o, b) for n, d, shape, o, b in state["entries"]]
+        self.size, self.total = state["size"], state["total"]
+        spill = self.directory / f".spill-{len(self.done)}"
+        keep = {f.name for f, _ in self.done} | ({spill.name} if self.entries else set())
+        for f in self.directory.iterdir():
+            if f.name.startswith((".spill-", ".shard-")) and f.name not in keep:
+                f.unlink()
+        if self.entries:
+            self.spill = open(spill, "r+b")
+            self.spill.truncate(self.size)
+            self.spill.seek(self.size)
+
+    def drop_consumed(self) -> None:
+        """Delete the spill files already assembled into shards (once no saved state names them)."""
+        for name in self.consumed:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+        self.consumed = []
 
     def finish(self) -> list[Path]:
         """Assemble the last shard, give every shard its final name, write the index when there are several."""
         if self.entries or not self.done:
             self._assemble()
+        self.drop_consumed()
         n = len(self.done)
         finals = []
         weight_map = {}
@@ -286,16 +333,20 @@ class CheckpointWriter:
     manager, it removes that directory when the block fails."""
 
     def __init__(self, output: str | os.PathLike, *, force: bool = False, source: str | None = None,
-                 max_shard_bytes: int = MAX_SHARD_BYTES, fetch=None):
+                 max_shard_bytes: int = MAX_SHARD_BYTES, fetch=None, directory: Path | None = None):
         """``fetch(name)``: where the tensors left on the meta device (embeddings, head) are read from, one at a
-        time when written (a StreamedModel's ``read``)."""
+        time when written (a StreamedModel's ``read``). ``directory``: a resumable temporary directory
+        (resume.py) to write into, instead of a fresh private one; its shards are then written durably."""
         self.fetch = fetch
         output = Path(output)
         check_output(output, force, source)
         output.parent.mkdir(parents=True, exist_ok=True)
-        self.directory = outputs.temporary_dir(output)
-        self.shards = ShardWriter(self.directory, max_shard_bytes, _file_metadata())
+        if directory is not None:
+            Path(directory).mkdir(mode=0o700, exist_ok=True)  # private until published, as mkdtemp's
+        self.directory = Path(directory) if directory is not None else outputs.temporary_dir(output)
+        self.shards = ShardWriter(self.directory, max_shard_bytes, _file_metadata(), durable=directory is not None)
         self.written: tuple[str, ...] = ()  # module prefixes whose tensors are in the shards
+        self.keep_on_abort = False  # an interrupted run's directory taken over by --resume, not yet accepted
 
     def add_module(self, module: nn.Module, prefix: str) -> None:
         """Pack every tensor of ``module`` (a quantized decoder layer) under ``prefix`` ("model.layers.3")."""
@@ -304,6 +355,8 @@ class CheckpointWriter:
         self.written += (f"{prefix}.",)
 
     def abort(self) -> None:
+        if self.keep_on_abort:  # a refused --resume leaves the interrupted run's layers for the next try
+            return
         self.shards.abort()
         shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -95,6 +95,25 @@ def temporary_dir(output: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{temporary_prefix(output)}{os.getpid()}-", dir=output.parent))
 
 
+def resumable_dir(output: Path, pid: int | None = None) -> Path:
+    """The temporary directory of a resumable `rptq quantize` (resume.py): ``.NAME.tmp-PID-resume``, a name
+    fixed for a given output and writer, so that a later ``--resume`` finds it once its writer is gone."""
+    return output.parent / f"{temporary_prefix(output)}{pid or os.getpid()}-resume"
+
+
+def dead_writer_temporaries(output: Path) -> list[Path]:
+    """The temporaries of ``output`` whose writer PID is no longer alive (a killed run's)."""
+    if not output.parent.is_dir():
+        return []
+    prefix = temporary_prefix(output)
+    found = []
+    for entry in sorted(output.parent.iterdir()):
+        pid = _writer_pid(entry.name, prefix) if entry.name.startswith(prefix) else None
+        if pid is not None and pid != os.getpid() and not _alive(pid):
+            found.append(entry)
+    return found
+
+
 def temporary_file(output: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f"{temporary_prefix(output)}{os.getpid()}-", dir=output.parent)
     os.close(fd)

@@ -35,8 +35,26 @@ CLIP_SAMPLE_ROWS = 2048  # token rows kept per activation point for the clipping
 class QuantReport:
     """What happened, for provenance and logs."""
     seconds: dict = field(default_factory=lambda: {"stats": 0.0, "cluster": 0.0, "calibrate": 0.0,
-                                                   "weights": 0.0, "propagate": 0.0})
+                                                   "weights": 0.0, "propagate": 0.0, "pack": 0.0})
     gptq_loss: dict = field(default_factory=dict)
+
+
+class _Phases:
+    """``with phase("cluster"):`` adds the block's seconds to ``seconds[name]`` and shows ``layer i/n: name`` on
+    the layer progress bar (whose rate gives the ETA)."""
+
+    def __init__(self, seconds: dict, bar, tag: str):
+        self.seconds, self.bar, self.tag = seconds, bar, tag
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, shown: str | None = None):
+        if self.tag:
+            self.bar.set_postfix_str(f"{self.tag}: {shown or name}", refresh=True)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
 
 
 @dataclass(frozen=True)
@@ -114,12 +132,14 @@ def quantize_layer_weights(layer: nn.Module, family: Family, config: QuantConfig
 
 def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantConfig, *,
                    stats: StatsFile | None = None, device: str | torch.device = "cpu", batch_size: int = 1,
-                   seed: int = 0, progress: bool = True, writer=None) -> QuantReport:
+                   seed: int = 0, progress: bool = True, writer=None, resume=None) -> QuantReport:
     """Quantize ``model`` in place with RPTQ, calibrating on ``tokens`` [nsamples, seqlen].
 
     ``model``: an in-memory model, or a :class:`~rptq_cli.loading.StreamedModel` whose layers are read from
     their files one at a time and released once quantized (memory: one layer + the calibration activations).
     ``writer``: an :class:`~rptq_cli.export.CheckpointWriter` that packs each layer as soon as it is done.
+    ``resume``: a :class:`~rptq_cli.resume.ResumableRun` that records each finished layer durably and, for a
+    resumed run, gives the first unfinished layer and the activations entering it (the loop starts there).
     """
     if writer is None and getattr(model, "files", None) is not None:
         raise ValueError("a streamed model releases each layer once quantized: pass a writer to keep them")
@@ -130,47 +150,54 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
     hidden = runner.inputs
     n = len(runner.layers)
     keep_rows = CLIP_SAMPLE_ROWS if config.act_clip == "mse" else 0
-    clock = time.perf_counter
-    for i in tqdm(range(n), desc=f"quantize {config.label}", unit="layer", disable=not progress):
+    start = 0
+    if resume is not None:
+        start, saved, seconds = resume.restore()
+        if start:
+            hidden = saved  # the quantized layer start-1's outputs, as the uninterrupted run propagated them
+            report.seconds.update(seconds)
+    weights_phase = "gptq" if gptq else "rtn" if config.quantizes_weights else "quantizers"
+    bar = tqdm(range(start, n), desc=f"quantize {config.label}", unit="layer", disable=not progress,
+               initial=start, total=n)
+    for i in bar:
         tag = f"layer {i + 1}/{n}" if progress else ""
+        phase = _Phases(report.seconds, bar, tag)
         layer = runner.materialize(i)
         with runner.on_device(layer):
-            t = clock()
-            if stats is not None:
-                layer_stats: LayerStats = stats.layers[i]
-            else:
-                with observe_layer(layer, family) as observers:
-                    runner.forward(layer, hidden, desc=f"{tag} stats" if tag else "")
-                layer_stats = {p: (o.lo, o.hi) for p, o in observers.items()}
-            report.seconds["stats"] += clock() - t
+            with phase("stats"):
+                if stats is not None:
+                    layer_stats: LayerStats = stats.layers[i]
+                else:
+                    with observe_layer(layer, family) as observers:
+                        runner.forward(layer, hidden, desc=f"{tag} stats" if tag else "")
+                    layer_stats = {p: (o.lo, o.hi) for p, o in observers.items()}
 
-            t = clock()
-            plan = plan_layer(layer_stats, heads, config, seed=seed)
-            fold_layer(layer, family, heads, plan)
-            groups = PointGroups.from_plan(plan, heads)
-            report.seconds["cluster"] += clock() - t
+            with phase("cluster"):
+                plan = plan_layer(layer_stats, heads, config, seed=seed)
+                fold_layer(layer, family, heads, plan)
+                groups = PointGroups.from_plan(plan, heads)
 
-            t = clock()
-            shared_inputs = [(family.q, family.k, family.v), (family.o,), family.mlp_in, (family.mlp_out,)]
-            with observe_layer(layer, family, keep_rows=keep_rows, seed=seed) as observers, \
-                    (collect_hessians(layer, shared_inputs) if gptq else contextlib.nullcontext({})) as solvers:
-                runner.forward(layer, hidden, desc=f"{tag} calibrate" if tag else "")
-            acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip,
-                                     config.per_token(p))
-                    for p in STAT_POINTS}
-            report.seconds["calibrate"] += clock() - t
+            with phase("calibrate"):
+                shared_inputs = [(family.q, family.k, family.v), (family.o,), family.mlp_in, (family.mlp_out,)]
+                with observe_layer(layer, family, keep_rows=keep_rows, seed=seed) as observers, \
+                        (collect_hessians(layer, shared_inputs) if gptq else contextlib.nullcontext({})) as solvers:
+                    runner.forward(layer, hidden, desc=f"{tag} calibrate" if tag else "")
+                acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip,
+                                         config.per_token(p))
+                        for p in STAT_POINTS}
 
-            t = clock()
-            quantize_layer_weights(layer, family, config, groups, acts, solvers, report, i)
-            attn = layer.get_submodule(family.attn)
-            attn.rptq = AttentionQuant(qk_perm=attn.rptq.qk_perm, q=acts["q"], k=acts["k"], v=acts["v"],
-                                       p_bits=config.act_bits("p"))
-            report.seconds["weights"] += clock() - t
+            with phase("weights", shown=weights_phase):
+                quantize_layer_weights(layer, family, config, groups, acts, solvers, report, i)
+                attn = layer.get_submodule(family.attn)
+                attn.rptq = AttentionQuant(qk_perm=attn.rptq.qk_perm, q=acts["q"], k=acts["k"], v=acts["v"],
+                                           p_bits=config.act_bits("p"))
 
-            t = clock()
-            hidden = runner.forward(layer, hidden, desc=f"{tag} propagate" if tag else "")
-            report.seconds["propagate"] += clock() - t
-        if writer is not None:
-            writer.add_module(layer, runner.prefix(i))
-        runner.release(i)
+            with phase("propagate"):
+                hidden = runner.forward(layer, hidden, desc=f"{tag} propagate" if tag else "")
+        with phase("pack"):  # into the checkpoint's shards, then the resume record (durable)
+            if writer is not None:
+                writer.add_module(layer, runner.prefix(i))
+            runner.release(i)
+            if resume is not None:
+                resume.layer_done(i + 1, n, hidden, dict(report.seconds))
     return report
