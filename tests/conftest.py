@@ -38,3 +38,14 @@ def corpus_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(corpus_text() * 4)
     return path
+
+
+@pytest.fixture(scope="session")
+def stats_file(tiny_opt_dir, corpus_file, tmp_path_factory):
+    """`rptq calibrate` of the tiny OPT on the corpus (4 windows of 32 tokens, seed 0)."""
+    from cli_run import run
+    out = tmp_path_factory.mktemp("stats") / "stats.safetensors"
+    result = run("calibrate", tiny_opt_dir, "--calib-path", corpus_file, "--nsamples", "4", "--seqlen", "32",
+                 "--seed", "0", "-o", out)
+    assert result.exit_code == 0, result.output
+    return out

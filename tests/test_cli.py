@@ -3,34 +3,12 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rptq_cli.calibrate import StatsFile
-from rptq_cli.cli import main
+from cli_run import assert_user_error, run
 
 CALIB = ["--nsamples", "4", "--seqlen", "32", "--seed", "0"]
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def assert_user_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def stats_file(tiny_opt_dir, corpus_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stats") / "stats.safetensors"
-    result = run("calibrate", tiny_opt_dir, "--calib-path", corpus_file, *CALIB, "-o", out)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def test_calibrate_writes_stats(stats_file, tiny_opt_dir):

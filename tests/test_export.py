@@ -15,26 +15,10 @@ from rptq_cli.export import load_quantized, save_quantized
 from rptq_cli.models import family_for
 from rptq_cli.nn.kv_cache import PackedKVCache
 from rptq_cli.nn.linear import QuantLinear
-from rptq_cli.outliers import inject_outliers
 from rptq_cli.quant.pack import ideal_bytes
 from rptq_cli.quant.weights import rtn_quantize
-from rptq_cli.quantize import quantize_model
-from tiny import build_model, build_tokenizer, corpus_text
-
-SMALL = dict(R1=8, R2=2, R3=2, R4=8, R5=8)
-
-
-def simulated(family, config, **cfg):
-    tok = build_tokenizer()
-    model = build_model(family, vocab=len(tok), **cfg)
-    fam = family_for(model.config)
-    inject_outliers(model, fam, channels=2)
-    for p in model.parameters():  # the rescale leaves values fp16 can't hold; the checkpoint stores fp16
-        p.data.copy_(p.data.half().float())
-    tokens = tok(corpus_text(), return_tensors="pt").input_ids[0]
-    calib = torch.stack([tokens[i * 48:(i + 1) * 48] for i in range(6)])
-    quantize_model(model, fam, calib, config, progress=False, seed=1)
-    return model, tok
+from quantized import SMALL, simulated
+from tiny import corpus_text
 
 
 def save(model, tok, config, path, **kw):

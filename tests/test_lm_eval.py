@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from rptq_cli.cli import main
+from cli_run import assert_user_error, run
 
 pytest.importorskip("lm_eval")
 
@@ -17,18 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = "tests/data/lm_eval"
 TASKS = ("rptq_mc", "rptq_last_word")
 LM_EVAL = [arg for task in TASKS for arg in ("--lm-eval-task", task)] + ["--lm-eval-include", INCLUDE]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 @pytest.fixture(autouse=True)

@@ -18,6 +18,7 @@ from rptq_cli.nn.kv_cache import PackedKVCache, PackedKVLayer
 from rptq_cli.outliers import inject_outliers
 from rptq_cli.quantize import quantize_model
 from tiny import build_model, build_tokenizer, corpus_text, tiny_config
+from cli_run import assert_user_error
 
 SMALL = dict(R1=8, R2=2, R3=2, R4=8, R5=8)
 LLAMA = dict(hidden=64, heads=4, kv_heads=2, ffn=96)  # head_dim 16: KV rows padded to a 32-code block
@@ -159,14 +160,6 @@ def test_big_configs_offline():
 
 def run(*args):
     return CliRunner().invoke(main, ["memory", *map(str, args)])
-
-
-def assert_user_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_cli_table_for_a_local_config(tmp_path):

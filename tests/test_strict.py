@@ -15,30 +15,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from rptq_cli import outputs
-from rptq_cli.cli import main
 from rptq_cli.errors import RptqError
+from cli_run import assert_user_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIB = ["--nsamples", "4", "--seqlen", "32", "--seed", "0"]
 QUICK = ["--wbits", "4", "--abits", "4", "--kv-only", "--weight-quantizer", "rtn",
          "--clusters", "R1=8,R2=2,R3=2,R4=8,R5=8"]
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_user_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def tree(path: Path) -> dict[str, bytes]:
