@@ -147,5 +147,8 @@ def parse_clusters(text: str) -> dict:
 def build_config(preset: str | None = None, **overrides) -> QuantConfig:
     """A preset (if any) with the flags the user gave on top (``None`` = not given)."""
     data = load_preset(preset) if preset else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "clusters" in given:  # --clusters R1=16 changes R1 and keeps the preset's other points
+        given["clusters"] = {**data.get("clusters", {}), **given["clusters"]}
+    data.update(given)
     return QuantConfig.from_dict(data)

@@ -9,6 +9,7 @@ TABLE = {
     "w4a16": (16, 16, 16, 16, 16, 16, 16, 16),
     "w4a8": (8, 8, 8, 8, 16, 8, 8, 8),
     "w4a4": (8, 4, 4, 4, 16, 4, 8, 4),
+    "w4a4-fine": (8, 4, 4, 4, 16, 4, 8, 4),
     "w4a8-paper": (8, 8, 8, 8, 8, 8, 8, 8),
     "w4a4-paper": (8, 4, 4, 4, 8, 4, 8, 4),
     "w4a4-strict": (4, 4, 4, 4, 4, 4, 4, 4),
@@ -35,6 +36,8 @@ def test_flags_override_presets():
     assert config.wbits == 3 and config.kv_only and config.clusters["R1"] == 16 and config.clusters["R2"] == 4
     assert config.label == "W3A4KV"
     assert build_config("w4a4", mode="strict").label == "W4A4-strict"
+    fine = build_config("w4a4-fine", clusters={"R1": 16})  # --clusters changes only the points it names
+    assert fine.clusters == {"R1": 16, "R2": 16, "R3": 16, "R4": 32, "R5": 128} and fine.mode == "token"
 
 
 def test_round_trip_through_dict():
