@@ -158,6 +158,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
             acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip,
                                      config.per_token(p))
                     for p in STAT_POINTS}
+            del observers  # their clip samples are not needed by GPTQ
             report.seconds["calibrate"] += clock() - t
 
             t = clock()
