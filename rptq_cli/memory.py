@@ -302,8 +302,9 @@ def gptq_step(shapes: Shapes, config: QuantConfig, j: int, dtype_bytes: int = 4)
     - layer: the FP weights of linears j.. (compute dtype; each is freed when its linear is replaced) and the
       packed ones before j (their checkpoint bytes), norms;
     - Hessians: the float32 [K, K] copies of linears after j (each solver has its own);
-    - workspace: H, its Cholesky factor or inverse, and the upper factor U, 3 · 4K² (quant/gptq.py frees the
-      factor before the second factorization), and the float32 copy of W, 4NK.
+    - workspace: H, its Cholesky factor or inverse, the upper factor U and one more [K, K] temporary inside
+      torch's factorizations, 4 · 4K² (measured: the peak rises 3 · 4K² over H; quant/gptq.py frees the factor
+      before the second factorization), and the float32 copy of W, 4NK.
     """
     lins = shapes.linears
     fp = sum(l.n * l.k + l.n * l.bias for l in lins[j:]) * dtype_bytes
@@ -311,7 +312,7 @@ def gptq_step(shapes: Shapes, config: QuantConfig, j: int, dtype_bytes: int = 4)
     packed = sum(lin.n * packed_row_bytes(lin.k, config.wbits) for lin in lins[:j])
     return {"one layer": fp + norms + packed,
             "GPTQ Hessians": sum(4 * l.k * l.k for l in lins[j + 1:]),
-            "GPTQ workspace": 3 * 4 * lins[j].k ** 2 + 4 * lins[j].n * lins[j].k}
+            "GPTQ workspace": 4 * 4 * lins[j].k ** 2 + 4 * lins[j].n * lins[j].k}
 
 
 def forward_bytes(shapes: Shapes, batch: int, seqlen: int, dtype_bytes: int = 4) -> int:
