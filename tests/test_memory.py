@@ -215,8 +215,9 @@ def test_cli_errors(tmp_path):
 def test_quantize_peak_is_the_largest_phase():
     """A Llama-7B shape (benchmarks/big_model.py): the peak is one phase's sum, the shards are never in memory,
     and GPTQ holds four [K, K] buffers of the linear it quantizes."""
-    from benchmarks.big_model import llama_config
-    shapes = model_shapes(llama_config(32, 4096, 11008, 32, 32, 32000))
+    from transformers import LlamaConfig
+    shapes = model_shapes(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, tie_word_embeddings=False).to_dict())
     config = QuantConfig(wbits=4, abits=16)
     phases = memory.quantize_phases(shapes, config, nsamples=8, seqlen=512)
     assert set(phases) == {"embed", "calibrate", "GPTQ", "write"}
