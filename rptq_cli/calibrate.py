@@ -85,6 +85,16 @@ class _Captured(Exception):
     pass
 
 
+def _trim_heap() -> None:
+    """Give the heap glibc keeps after a layer back to the system (the RSS between layers crept up by ~0.07 GiB
+    a layer on a 7B model); nothing where there is no glibc."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class LayerRunner:
     """Feeds calibration windows through the decoder one layer at a time.
 
@@ -118,6 +128,7 @@ class LayerRunner:
         for module in self.layers[i].modules():
             if getattr(module, "_cpu_scales", None) is not None:
                 module._cpu_scales = None
+        _trim_heap()
 
     def _embedding_paths(self) -> list[str]:
         paths = []
