@@ -85,6 +85,16 @@ class _Captured(Exception):
     pass
 
 
+def _trim_heap() -> None:
+    """Give the heap glibc keeps after a layer back to the system (the RSS between layers crept up by ~0.07 GiB
+    a layer on a 7B model); nothing where there is no glibc."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class LayerRunner:
     """Feeds calibration windows through the decoder one layer at a time.
 
@@ -110,8 +120,15 @@ class LayerRunner:
         return self.streamed.materialize(self.prefix(i))
 
     def release(self, i: int) -> None:
-        """Free layer ``i``'s tensors (streamed model only; a model in memory keeps its layers)."""
+        """Free layer ``i``'s tensors (streamed model only; a model in memory keeps its layers), and the float32
+        scales its QuantLinears cached for the CPU kernels (not a buffer: they would stay, ~10 MB a 7B layer)."""
+        if self.streamed.files is None:
+            return
         self.streamed.release(self.prefix(i))
+        for module in self.layers[i].modules():
+            if getattr(module, "_cpu_scales", None) is not None:
+                module._cpu_scales = None
+        _trim_heap()
 
     def _embedding_paths(self) -> list[str]:
         paths = []

@@ -27,8 +27,9 @@ the prediction against what that code really stores:
   ``2 · layers · B · kv_heads · S · packed_row_bytes(head_dim, abits)`` (= ``PackedKVCache.nbytes()``); with the
   buffers preallocated for ``max_length = S`` the capacity is S rounded up to ``GROWTH_TOKENS`` (=
   ``reserved_nbytes()``).
-* **Peak of ``rptq quantize``** (:func:`quantize_peak`, layer streamed) and **of running the packed model**
-  (:func:`run_peak`): sums of the terms they list, each documented there.
+* **Peak of ``rptq quantize``** (:func:`quantize_peak`, layer streamed): the largest of its phases (embed,
+  calibrate, GPTQ, write; :func:`quantize_phases`), each a sum of the terms it lists. **Peak of running the
+  packed model** (:func:`run_peak`): a sum of the terms it lists. Each term is documented there.
 """
 from __future__ import annotations
 
@@ -281,19 +282,41 @@ def kv_params_bytes(shapes: Shapes) -> int:
 # ------------------------------------------------------------------------------------------ peaks
 
 
+def _gptq(config: QuantConfig) -> bool:
+    return config.wbits < FP and config.weight_quantizer == "gptq"
+
+
 def hessian_bytes(shapes: Shapes, config: QuantConfig) -> int:
-    """GPTQ Hessians of one layer, float32 [K, K] per linear (quantize.collect_hessians gives each its copy)."""
-    if config.wbits >= FP or config.weight_quantizer != "gptq":
+    """GPTQ Hessians while the layer is calibrated: float32 [K, K] per distinct input (q/k/v share the x1 one,
+    gate/up the x2 one: quantize.collect_hessians clones them only after the forward)."""
+    if not _gptq(config):
         return 0
-    return sum(4 * l.k * l.k for l in shapes.linears)
+    return sum(4 * k * k for k in {l.point: l.k for l in shapes.linears}.values())
 
 
-def gptq_workspace_bytes(shapes: Shapes, config: QuantConfig) -> int:
-    """GPTQ.quantize of the largest linear: W f32 copy, codes u8, per-column scale f32 and zero i32 [N, K];
-    Cholesky factor, its inverse and the upper factor f32 [K, K] (the Hessian is in :func:`hessian_bytes`)."""
-    if config.wbits >= FP or config.weight_quantizer != "gptq":
-        return 0
-    return max(l.n * l.k * 13 + 3 * 4 * l.k * l.k for l in shapes.linears)
+def hessian_update_bytes(shapes: Shapes, config: QuantConfig) -> int:
+    """GPTQ.add_batch's ``x.T @ x``: a float32 [K, K] temporary for the widest input."""
+    return 4 * max(l.k for l in shapes.linears) ** 2 if _gptq(config) else 0
+
+
+def gptq_step(shapes: Shapes, config: QuantConfig, j: int, dtype_bytes: int = 4) -> dict[str, int]:
+    """What lives while GPTQ factors the Hessian of linear ``j`` (quantize_layer_weights takes the linears in
+    order; the Cholesky step is GPTQ.quantize's largest moment):
+
+    - layer: the FP weights of linears j.. (compute dtype; each is freed when its linear is replaced) and the
+      packed ones before j (their checkpoint bytes), norms;
+    - Hessians: the float32 [K, K] copies of linears after j (each solver has its own);
+    - workspace: H, its Cholesky factor or inverse, the upper factor U and one more [K, K] temporary inside
+      torch's factorizations, 4 · 4K² (measured: the peak rises 3 · 4K² over H; quant/gptq.py frees the factor
+      before the second factorization), and the float32 copy of W, 4NK.
+    """
+    lins = shapes.linears
+    fp = sum(l.n * l.k + l.n * l.bias for l in lins[j:]) * dtype_bytes
+    norms = sum(c * (1 + b) for _, c, b in shapes.norms) * dtype_bytes
+    packed = sum(lin.n * packed_row_bytes(lin.k, config.wbits) for lin in lins[:j])
+    return {"one layer": fp + norms + packed,
+            "GPTQ Hessians": sum(4 * l.k * l.k for l in lins[j + 1:]),
+            "GPTQ workspace": 4 * 4 * lins[j].k ** 2 + 4 * lins[j].n * lins[j].k}
 
 
 def forward_bytes(shapes: Shapes, batch: int, seqlen: int, dtype_bytes: int = 4) -> int:
@@ -316,32 +339,52 @@ def observer_bytes(shapes: Shapes, config: QuantConfig, nsamples: int, seqlen: i
     return 4 * rows * channels
 
 
-def quantize_peak(shapes: Shapes, config: QuantConfig, nsamples: int, seqlen: int, batch: int = 1,
-                  dtype_bytes: int = 4, shard_bytes: int | None = None) -> dict[str, int]:
-    """Predicted peak memory of layer-streamed ``rptq quantize`` (CPU, compute dtype ``dtype_bytes``): the sum of
+def quantize_phases(shapes: Shapes, config: QuantConfig, nsamples: int, seqlen: int, batch: int = 1,
+                    dtype_bytes: int = 4) -> dict[str, dict[str, int]]:
+    """The memory of each phase of layer-streamed ``rptq quantize`` (CPU, compute dtype ``dtype_bytes``), by term.
+    Every phase holds the runtime (:data:`RUNTIME_BYTES`) and the calibration windows' hidden states
+    (``act`` = nsamples · seqlen · hidden · dtype_bytes; a forward over them holds its input and its output):
 
-    - runtime: the interpreter and libraries (:data:`RUNTIME_BYTES`);
-    - embeddings: the modules before layer 0, in the compute dtype (they embed the calibration windows);
-    - layer: one decoder layer's weights in the compute dtype;
-    - calibration activations: the layer's inputs and outputs, 2 · nsamples · seqlen · hidden · dtype_bytes;
-    - Hessians (:func:`hessian_bytes`) and GPTQ's workspace for the largest linear (:func:`gptq_workspace_bytes`);
-    - clip samples (:func:`observer_bytes`) and one forward's transients (:func:`forward_bytes`);
-    - packed output: the finished layers not yet written, at most one shard of the checkpoint.
+    - embed: the modules before layer 0 in the compute dtype, plus the fp16 tensor being read; the captured
+      inputs (a list, then their concatenation);
+    - calibrate: one FP layer, the forward's input and output, the Hessians (:func:`hessian_bytes`) and one
+      ``x.T @ x`` (:func:`hessian_update_bytes`), the clip samples (:func:`observer_bytes`) and one forward's
+      transients (:func:`forward_bytes`);
+    - GPTQ: the largest :func:`gptq_step` over the layer's linears (for Llama-7B, q_proj and down_proj are within 1%);
+    - write: the largest tensor outside the layers read (fp16), in the compute dtype and back in fp16 for
+      the shard.
+
+    The shards are not in memory: export.ShardWriter spills each tensor to disk as it arrives.
     """
-    from . import export
-    ckpt = sum(checkpoint_bytes(shapes, config).values())
-    shard = shard_bytes or getattr(export, "MAX_SHARD_BYTES", 2 * GiB)
-    return {
-        "runtime": RUNTIME_BYTES,
-        "embeddings": dtype_bytes * shapes.embedding_numel,
-        "one layer": dtype_bytes * shapes.layer_params,
-        "calibration activations": 2 * nsamples * seqlen * shapes.hidden * dtype_bytes,
-        "GPTQ Hessians": hessian_bytes(shapes, config),
-        "GPTQ workspace": gptq_workspace_bytes(shapes, config),
-        "clip samples": observer_bytes(shapes, config, nsamples, seqlen),
-        "forward": forward_bytes(shapes, batch, seqlen, dtype_bytes),
-        "packed output (≤ 1 shard)": min(ckpt, shard),
+    act = nsamples * seqlen * shapes.hidden * dtype_bytes
+    largest_outside = max(shapes.outside.values(), default=0)
+    phases = {
+        "embed": {"embeddings": dtype_bytes * shapes.embedding_numel + 2 * largest_outside,
+                  "calibration activations": 2 * act},
+        "calibrate": {"one layer": dtype_bytes * shapes.layer_params, "calibration activations": 2 * act,
+                      "GPTQ Hessians": hessian_bytes(shapes, config) + hessian_update_bytes(shapes, config),
+                      "clip samples": observer_bytes(shapes, config, nsamples, seqlen),
+                      "forward": forward_bytes(shapes, batch, seqlen, dtype_bytes)},
+        "write": {"embeddings, lm_head": (dtype_bytes + 4) * largest_outside, "calibration activations": act},
     }
+    if _gptq(config):
+        steps = [gptq_step(shapes, config, j, dtype_bytes) for j in range(len(shapes.linears))]
+        phases["GPTQ"] = {"calibration activations": act, **max(steps, key=lambda s: sum(s.values()))}
+    for terms in phases.values():
+        terms["runtime"] = RUNTIME_BYTES
+    return phases
+
+
+def quantize_peak(shapes: Shapes, config: QuantConfig, nsamples: int, seqlen: int, batch: int = 1,
+                  dtype_bytes: int = 4) -> dict[str, int]:
+    """Predicted peak memory of ``rptq quantize``: the terms of its largest phase (:func:`quantize_phases`,
+    named by :func:`quantize_peak_phase`); their sum is the figure."""
+    phases = quantize_phases(shapes, config, nsamples, seqlen, batch, dtype_bytes)
+    return phases[quantize_peak_phase(phases)]
+
+
+def quantize_peak_phase(phases: dict[str, dict[str, int]]) -> str:
+    return max(phases, key=lambda name: sum(phases[name].values()))
 
 
 def resident_bytes(shapes: Shapes, config: QuantConfig, groups: Groups | None = None, dtype_bytes: int = 4) -> int:
@@ -419,12 +462,15 @@ def memory_report(raw: dict, configs: dict[str, QuantConfig], batch: int, seqlen
         ckpt = checkpoint_bytes(shapes, config)
         kv_bits = config.act_bits("k")
         kv = kv_bytes(shapes, batch, seqlen, kv_bits) if kv_bits < FP else kv_bytes(shapes, batch, seqlen)
-        quant = quantize_peak(shapes, config, nsamples, seqlen)
+        phases = quantize_phases(shapes, config, nsamples, seqlen)
+        quant = phases[quantize_peak_phase(phases)]
         run = run_peak(shapes, config, batch, seqlen)
         columns[label] = {"weights": sum(ckpt.values()), "weights by kind": ckpt, "KV cache": kv,
                           "KV cache reserved": kv_bytes(shapes, batch, seqlen, kv_bits, reserved=True),
                           "weights + KV cache": sum(ckpt.values()) + kv,
                           "quantize peak": sum(quant.values()), "quantize peak by term": quant,
+                          "quantize peak phase": quantize_peak_phase(phases),
+                          "quantize phases": {name: sum(t.values()) for name, t in phases.items()},
                           "run peak": sum(run.values()), "run peak by term": run}
     return {"model": source, "model_type": shapes.model_type,
             "shape": {"layers": shapes.layers, "hidden": shapes.hidden, "intermediate": shapes.intermediate,
@@ -468,7 +514,11 @@ def format_report(report: dict) -> str:
     row("KV cache", lambda c: c["KV cache"])
     row("weights + KV cache", lambda c: c["weights + KV cache"])
     row("peak of rptq quantize", lambda c: c.get("quantize peak"))
-    terms = next((c["quantize peak by term"] for c in cols.values() if "quantize peak by term" in c), {})
+    for phase in dict.fromkeys(ph for c in cols.values() for ph in c.get("quantize phases", {})):
+        row(f"phase {phase}", lambda c, ph=phase: c.get("quantize phases", {}).get(ph), 2)
+    if any("quantize peak phase" in c for c in cols.values()):
+        lines.append("  terms of the largest phase:")
+    terms = dict.fromkeys(t for c in cols.values() for t in c.get("quantize peak by term", {}))
     for term in terms:
         row(term, lambda c, t=term: c.get("quantize peak by term", {}).get(t), 2)
     row("peak running (eval)", lambda c: c["run peak"])

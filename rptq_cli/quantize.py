@@ -185,6 +185,7 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
                 acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip,
                                          config.per_token(p))
                         for p in STAT_POINTS}
+                del observers  # their clip samples are not needed by GPTQ
 
             with phase("weights", shown=weights_phase):
                 quantize_layer_weights(layer, family, config, groups, acts, solvers, report, i)

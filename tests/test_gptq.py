@@ -113,3 +113,10 @@ def test_non_finite_hessian_is_refused():
     gptq.add_batch(torch.tensor([[1.0, float("inf"), 0.0, 1.0]]))
     with pytest.raises(RptqError, match="inf/NaN"):
         gptq.quantize(torch.tensor([4], dtype=torch.int32), 4)
+
+
+def test_quantize_lets_go_of_the_fp_weight():
+    """The layer's FP weight is freed once its linear is replaced (memory.gptq_step counts on it)."""
+    weight = torch.randn(8, 32)
+    gptq, _ = _gptq(weight, torch.randn(64, 32), torch.tensor([32], dtype=torch.int32))
+    assert gptq.weight is None and gptq.H is None

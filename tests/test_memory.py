@@ -203,3 +203,22 @@ def test_cli_errors(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
     assert_user_error(run(tmp_path / "bad"), "cannot read")
+
+
+def test_quantize_peak_is_the_largest_phase():
+    """A Llama-7B shape (benchmarks/big_model.py): the peak is one phase's sum, the shards are never in memory,
+    and GPTQ holds four [K, K] buffers of the linear it quantizes."""
+    from transformers import LlamaConfig
+    shapes = model_shapes(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, tie_word_embeddings=False).to_dict())
+    config = QuantConfig(wbits=4, abits=16)
+    phases = memory.quantize_phases(shapes, config, nsamples=8, seqlen=512)
+    assert set(phases) == {"embed", "calibrate", "GPTQ", "write"}
+    peak = memory.quantize_peak(shapes, config, nsamples=8, seqlen=512)
+    assert sum(peak.values()) == max(sum(t.values()) for t in phases.values())
+    assert not any("shard" in term for t in phases.values() for term in t)
+    down = memory.gptq_step(shapes, config, len(shapes.linears) - 1)
+    assert down["GPTQ workspace"] == 4 * 4 * 11008**2 + 4 * 4096 * 11008 and down["GPTQ Hessians"] == 0
+    assert sum(phases["GPTQ"].values()) >= sum(down.values())
+    assert memory.quantize_phases(shapes, QuantConfig(wbits=4, abits=16, weight_quantizer="rtn"), 8, 512).keys() \
+        == {"embed", "calibrate", "write"}

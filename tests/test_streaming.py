@@ -328,3 +328,17 @@ def test_failed_streamed_quantization_leaves_nothing(sharded, tmp_path, monkeypa
             quantize.quantize_model(streamed, streamed.family, _calibration_tokens(sharded),
                                     STREAM_CONFIGS["qwen2"], progress=False, writer=writer)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_releases_every_layer(sharded, tmp_path):
+    """After a streamed quantization no decoder layer holds a real tensor, cached CPU scales included."""
+    from rptq_cli.quantize import quantize_model
+    streamed = open_model(str(sharded))
+    tokens = torch.randint(0, streamed.model.config.vocab_size, (2, 16))
+    with export.CheckpointWriter(tmp_path / "q", fetch=streamed.read) as writer:
+        quantize_model(streamed, streamed.family, tokens, QuantConfig(wbits=4, abits=16, clusters=dict(
+            R1=4, R2=2, R3=2, R4=4, R5=4)), progress=False, writer=writer)
+        writer.abort()
+    for layer in streamed.family.decoder_layers(streamed.model):
+        assert all(t.device.type == "meta" for t in layer.state_dict().values())
+        assert all(getattr(m, "_cpu_scales", None) is None for m in layer.modules())

@@ -58,6 +58,7 @@ class GPTQ:
         if not torch.isfinite(H).all():
             raise RptqError("the GPTQ Hessian holds inf/NaN: the calibration activations overflowed; calibrate in float32")
         W = self.weight.detach().to(H.device, torch.float32, copy=True)
+        self.weight = None  # the layer's FP weight can be freed as soon as its linear is replaced
         # a column whose input was always 0 cannot affect the output: make it harmless for the solve
         dead = H.diagonal() == 0
         H.diagonal()[dead] = 1
@@ -65,7 +66,8 @@ class GPTQ:
 
         lo, hi = group_min_max(W, W, group_sizes)
         scale, zero = fp16_affine_params(lo, hi, bits)  # static groups: fixed before any GPTQ update
-        column_scale, column_zero = expand_groups(scale, group_sizes), expand_groups(zero, group_sizes)
+        # the group of every column; (scale, zero) are expanded one block at a time, not to [N, K]
+        column_group = expand_groups(torch.arange(len(group_sizes), device=W.device), group_sizes)
 
         Hinv = _damped_inverse_cholesky(H, percdamp)
         del H
@@ -74,9 +76,10 @@ class GPTQ:
         for i1 in range(0, self.columns, blocksize):
             i2 = min(i1 + blocksize, self.columns)
             W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+            block_scale, block_zero = scale[:, column_group[i1:i2]], zero[:, column_group[i1:i2]]
             Err1 = torch.zeros_like(W1)
             for i in range(i2 - i1):
-                w, d, s, z = W1[:, i], Hinv1[i, i], column_scale[:, i1 + i], column_zero[:, i1 + i]
+                w, d, s, z = W1[:, i], Hinv1[i, i], block_scale[:, i], block_zero[:, i]
                 codes[:, i1 + i] = quantize(w, s, z, bits)
                 q = dequantize(codes[:, i1 + i], s, z)
                 losses += (w - q).square() / d**2 / 2
@@ -102,7 +105,11 @@ def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         damped = damp
         L, info = torch.linalg.cholesky_ex(H)
         if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            # free L before the second factorization: three [K, K] buffers at most (H, H⁻¹, U), not four
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info.item() == 0 and torch.isfinite(U).all():
                 return U
         if attempt < CHOLESKY_RETRIES:
