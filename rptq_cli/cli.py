@@ -653,8 +653,9 @@ def _is_inspect_json(path: Path) -> bool:
 @_run
 def inspect(source, layer, point, n_clusters, output, json_path, force, calib_dataset, calib_path, nsamples, seqlen,
             seed, batch_size, device, dtype):
-    """The paper's Fig. 1: each channel's calibrated (min, max) at one point, coloured by cluster, before and
-    after the reorder. MODEL_OR_STATS: a stats file from `rptq calibrate`, or a model (calibrated here)."""
+    """Draw each channel's calibrated (min, max) at one reorder point, coloured by cluster, before and after the
+    reorder (the paper's Figure 1). MODEL_OR_STATS: a stats file from `rptq calibrate`, or a model (calibrated
+    here)."""
     from .calibrate import StatsFile, is_stats_file
     from .inspect_ranges import inspect_layer
     if output is None and json_path is None:
