@@ -125,7 +125,8 @@ def calib_options(fn):
     return fn
 
 
-def quant_options(fn):
+def config_options(fn):
+    """The flags that make a QuantConfig (a preset and what overrides it): see :func:`_config_flags`."""
     opts = [
         click.option("--config", "preset", default=None, help="Preset from configs/ (w4a8, w4a4kv, ...); flags override."),
         click.option("--wbits", type=int, default=None, help="Weight bits: 2, 3, 4, 8 or 16."),
@@ -139,20 +140,33 @@ def quant_options(fn):
         click.option("--no-reorder", is_flag=True, default=False, help="One cluster per point (per-tensor baseline)."),
         click.option("--act-clip", type=click.Choice(["minmax", "mse"]), default=None,
                      help="Activation ranges: calibrated min/max or the MSE-best clipped range [mse]."),
-        click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None,
-                     help="Stats file from `rptq calibrate`: clusters and, by default, its calibration data."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
     return fn
 
 
+def quant_options(fn):
+    """:func:`config_options` and a stats file to take the clusters and calibration data from."""
+    fn = click.option("--stats", "stats_path", type=click.Path(dir_okay=False), default=None,
+                      help="Stats file from `rptq calibrate`: clusters and, by default, its calibration data.")(fn)
+    return config_options(fn)
+
+
+def _config_flags(wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
+                  act_clip) -> dict:
+    """The quantization flags as :func:`config.build_config` takes them (None: not given)."""
+    from .config import parse_clusters
+    return dict(wbits=wbits, abits=abits, kv_only=kv_only, mode=mode, weight_quantizer=weight_quantizer,
+                weight_groups=weight_groups, clusters=parse_clusters(clusters) if clusters else None,
+                reorder=False if no_reorder else None, act_clip=act_clip)
+
+
 def _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
                   act_clip):
-    from .config import build_config, parse_clusters
-    given = dict(wbits=wbits, abits=abits, kv_only=kv_only, mode=mode, weight_quantizer=weight_quantizer,
-                 weight_groups=weight_groups, clusters=parse_clusters(clusters) if clusters else None,
-                 reorder=False if no_reorder else None, act_clip=act_clip)
+    from .config import build_config
+    given = _config_flags(wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
+                          act_clip)
     if preset is None and all(v is None for v in given.values()):
         return None
     config = build_config(preset, **given)
@@ -206,9 +220,11 @@ class _RecordingGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-def _command_line() -> str:
+def _command_line(drop: tuple[str, ...] = ()) -> str:
+    """The command as typed (recorded by _RecordingGroup), without the flags in ``drop``."""
     from .model_card import command_line
-    return command_line(click.get_current_context().meta.get("argv"))
+    argv = click.get_current_context().meta.get("argv")
+    return command_line([a for a in argv if a not in drop] if argv is not None else None)
 
 
 @click.group(cls=_RecordingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -465,12 +481,9 @@ def quantize(model, output, force, resume, preset, wbits, abits, kv_only, mode, 
                                            calib_path, nsamples, seqlen, seed, batch_size, device, writer,
                                            resume=run, fingerprint=inputs_fingerprint)
         start = time.perf_counter()
-        argv = click.get_current_context().meta.get("argv")
-        from .model_card import command_line
         # --resume changes how the checkpoint was reached, not what it is: the recorded command leaves it out
-        command = command_line([a for a in argv if a != "--resume"] if argv is not None else None)
         provenance = {"source_model": model, "source_files_sha256": model_files,
-                      "command": command, "calibration": quantization["calibration"],
+                      "command": _command_line(drop=("--resume",)), "calibration": quantization["calibration"],
                       "stats_file": stats_path,
                       "seconds": {"load": round(load_seconds, 3), **quantization["seconds"]}}
         save_quantized(net, tokenizer, config, output, provenance=provenance, force=force, writer=writer)
@@ -560,16 +573,7 @@ def _is_memory_json(path: Path) -> bool:
 
 @main.command()
 @click.argument("model")
-@click.option("--config", "preset", default=None, help="Preset from configs/ [the paper's: w4a16 w4a8 w4a4kv w4a3kv w3a3kv].")
-@click.option("--wbits", type=int, default=None, help="Weight bits: 2, 3, 4, 8 or 16.")
-@click.option("--abits", type=int, default=None, help="Activation bits: 3, 4, 8 or 16.")
-@click.option("--kv-only", is_flag=True, default=None, help="Quantize only K and V at --abits.")
-@click.option("--mode", type=click.Choice(list(MODES)), default=None, help="Activation mode (see quantize).")
-@click.option("--weight-quantizer", type=click.Choice(["gptq", "rtn"]), default=None)
-@click.option("--weight-groups", default=None, help="cluster (default), channel or a group size like 128.")
-@click.option("--clusters", default=None, help="Clusters per point, e.g. R1=32,R2=4,R3=4,R4=32,R5=32.")
-@click.option("--no-reorder", is_flag=True, default=False, help="One cluster per point.")
-@click.option("--act-clip", type=click.Choice(["minmax", "mse"]), default=None)
+@config_options
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Sequences of the KV cache.")
 @click.option("--seqlen", default=2048, show_default=True, type=click.IntRange(1), help="Tokens per sequence.")
 @click.option("--nsamples", default=CALIB_DEFAULTS["nsamples"], show_default=True, type=click.IntRange(1),
@@ -579,7 +583,9 @@ def _is_memory_json(path: Path) -> bool:
 @_run
 def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
            act_clip, batch, seqlen, nsamples, json_path, force):
-    """Predict MODEL's memory from its config.json alone: weights, KV cache, peaks of quantize and of running."""
+    """Predict MODEL's memory from its config.json alone: weights, KV cache, peaks of quantize and of running.
+    Without --config, --wbits or --abits: a column for each of the paper's presets (w4a16 w4a8 w4a4kv w4a3kv
+    w3a3kv), with the other flags given applied to each."""
     from .config import build_config
     from .memory import PAPER_PRESETS, format_report, memory_report, read_config
     if json_path:
@@ -589,10 +595,8 @@ def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_
     if config is None and (preset or wbits or abits):
         raise RptqError("nothing is quantized with these settings: give --wbits/--abits below 16")
     if config is None:  # the paper's columns, with whatever other flags were given
-        from .config import parse_clusters
-        given = dict(mode=mode, weight_quantizer=weight_quantizer, weight_groups=weight_groups,
-                     clusters=parse_clusters(clusters) if clusters else None,
-                     reorder=False if no_reorder else None, act_clip=act_clip)
+        given = _config_flags(None, None, None, mode, weight_quantizer, weight_groups, clusters, no_reorder,
+                              act_clip)
         configs = {c.label: c for c in (build_config(p, **given) for p in PAPER_PRESETS)}
     else:
         configs = {config.label: config}

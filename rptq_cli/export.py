@@ -49,7 +49,7 @@ from .loading import INDEX_NAME, WEIGHTS_NAME, WeightFiles
 from .model_card import write_card
 from .models import Family, family_for
 from .nn.attention import AttentionQuant, use_rptq_attention
-from .nn.head import keep_head_in_half
+from .nn.head import half_state_names, keep_head_in_half
 from .nn.linear import QuantLinear
 from .nn.norm import ReorderNorm
 from .nn.quantizers import ActQuant
@@ -621,9 +621,7 @@ def _load_remaining(model: nn.Module, tensors: _Tensors, dtype, directory: Path)
     """Embeddings, final norm, lm_head and the like; then recreate non-persistent buffers (RoPE)."""
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
     tied = getattr(model.config, "tie_word_embeddings", False)
-    heads = (model.get_input_embeddings(), model.get_output_embeddings())
-    half = {f"{name}.{p}" for name, module in model.named_modules() if any(module is h for h in heads)
-            for p in ("weight", "bias")}  # stay float16: nn/head.py
+    half = half_state_names(model)  # stay float16: nn/head.py
     state = {}
     for key, meta in expected.items():
         if tied and key == "lm_head.weight":

@@ -182,17 +182,19 @@ class StreamedModel:
         """The stored tensor ``name`` (a state name, "lm_head.weight") in the model's dtype, read now and not
         kept by the model: what a writer takes one tensor at a time."""
         key = self.source_of[name]
+        return self._in_model_dtype(key, self.files.read(key))[0]
+
+    def _in_model_dtype(self, key: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``tensor`` read for file key ``key`` in the dtype the model holds it in, that model tensor)."""
         old = next(t for t in (_state(self.model, n) for n in self.sources[key]) if t is not None)
-        tensor = self.files.read(key)
-        return tensor.to(old.dtype) if old.is_floating_point() else tensor
+        return (tensor.to(old.dtype) if old.is_floating_point() else tensor), old
 
     def _load(self, wanted_names) -> None:
         wanted = [key for key, names in self.sources.items() if wanted_names(names)
                   and any(getattr(_state(self.model, n), "device", None) == META for n in names)]
         for key, tensor in (self.files.read_many(wanted) if wanted else ()):
             names = self.sources[key]
-            old = next(t for t in (_state(self.model, n) for n in names) if t is not None)
-            value = tensor.to(old.dtype) if old.is_floating_point() else tensor
+            value, old = self._in_model_dtype(key, tensor)
             if isinstance(old, nn.Parameter):  # one Parameter object for all tied names, as transformers ties
                 value = nn.Parameter(value, requires_grad=old.requires_grad)
             for name in names:

@@ -135,6 +135,7 @@ def model_shapes(raw: dict) -> Shapes:
 
     from .models import family_for
     from .models.base import head_layout, supported_architectures
+    from .nn.head import half_state_names
     model_type = raw.get("model_type")
     try:
         hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
@@ -158,9 +159,7 @@ def model_shapes(raw: dict) -> Shapes:
     if getattr(hf_config, "tie_word_embeddings", False):
         outside.pop("lm_head.weight", None)
     embedding = sum(n for k, n in outside.items() if any(k.startswith(e + ".") for e in family.embeddings))
-    vocab_modules = (model.get_input_embeddings(), model.get_output_embeddings())
-    half = sum(outside.get(f"{name}.{p}", 0) for name, m in model.named_modules() if any(m is v for v in vocab_modules)
-               for p in ("weight", "bias"))
+    half = sum(outside.get(name, 0) for name in half_state_names(model))
     ffn = getattr(hf_config, "ffn_dim", None) or getattr(hf_config, "intermediate_size")
     return Shapes(model_type=model_type, layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
                   intermediate=ffn, n_heads=heads.n_heads, n_kv=heads.n_kv, head_dim=heads.head_dim,

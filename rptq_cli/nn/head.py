@@ -29,16 +29,23 @@ class HalfLinear(nn.Linear):
         return F.linear(x.half(), self.weight, bias).to(x.dtype)
 
 
-def keep_head_in_half(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """Turn ``model``'s input embeddings and lm_head (tied or not) into float16 modules, in place.
+def half_state_names(model: nn.Module) -> set[str]:
+    """State names (``weight``, ``bias``) of ``model``'s input embeddings and lm_head: the tensors a packed model
+    keeps in float16 (the loader leaves them as stored; ``rptq memory`` counts them at 2 bytes)."""
+    vocab = (model.get_input_embeddings(), model.get_output_embeddings())
+    return {f"{name}.{p}" for name, module in model.named_modules() if any(module is v for v in vocab)
+            for p in ("weight", "bias")}
 
-    Their weights must still hold the checkpoint's float16 values: call before widening them."""
+
+def keep_head_in_half(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """Turn ``model``'s input embeddings and lm_head (tied or not) into float16 modules, in place; embeddings
+    come out in ``compute_dtype``. Their weights hold the checkpoint's float16 values (:func:`half_state_names`)."""
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if isinstance(embed, nn.Embedding) and type(embed) is nn.Embedding:
+    if type(embed) is nn.Embedding:
         embed.__class__ = HalfEmbedding
         embed.weight.data = embed.weight.data.half()
         embed.out_dtype = compute_dtype
-    if isinstance(head, nn.Linear) and type(head) is nn.Linear:
+    if type(head) is nn.Linear:
         head.__class__ = HalfLinear
         head.weight.data = head.weight.data.half()  # tied: the same Parameter as the embedding's, already half
         if head.bias is not None:
