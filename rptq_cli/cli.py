@@ -53,6 +53,12 @@ def _run(fn):
         except RptqError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except ValueError as exc:
+            fix = _fix_for_library_error(exc)
+            if fix is None:
+                _report_bug()
+            click.echo(f"error: {exc}; {fix}", err=True)
+            sys.exit(2)
         except Terminated:
             click.echo("error: terminated (SIGTERM); no partial output was left", err=True)
             sys.exit(143)
@@ -62,11 +68,42 @@ def _run(fn):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception:
-            traceback.print_exc()
-            click.echo(f"error: this is a bug in rptq {__version__}, not a problem with your input; please report "
-                       "it with the command line and the traceback above", err=True)
-            sys.exit(1)
+            _report_bug()
     return wrapper
+
+
+def _report_bug():
+    """The traceback of the exception being handled, a line saying it is rptq's fault, exit code 1."""
+    traceback.print_exc()
+    click.echo(f"error: this is a bug in rptq {__version__}, not a problem with your input; please report "
+               "it with the command line and the traceback above", err=True)
+    sys.exit(1)
+
+
+def _library_error_fixes() -> dict:
+    """The fix for each ValueError that the quantization library (quant/) raises about what the pipeline gave it,
+    keyed by the function that raises it: the library says what is wrong and knows no flags; the CLI names the fix.
+    Only loaded modules are asked (an error cannot come from a module that was never imported)."""
+    gptq, weights = sys.modules.get("rptq_cli.quant.gptq"), sys.modules.get("rptq_cli.quant.weights")
+    fixes = {}
+    if gptq is not None:
+        fixes[gptq.check_finite_hessian] = "calibrate in float32 (--dtype float32)"
+        fixes[gptq.damped_inverse_cholesky] = ("calibrate on more tokens (--nsamples, --seqlen) or quantize the "
+                                               "weights with --weight-quantizer rtn")
+    if weights is not None:
+        fixes[weights.check_cluster_sizes] = ("the clusters of --stats do not fit this model and config: re-run "
+                                              "`rptq calibrate` for it, or leave out --stats")
+    return fixes
+
+
+def _fix_for_library_error(exc: ValueError) -> str | None:
+    """The fix to name for ``exc``, when a function of :func:`_library_error_fixes` raised it; None otherwise (a
+    ValueError from anywhere else is a bug in rptq and keeps its traceback)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    raiser = tb.tb_frame.f_code if tb is not None else None
+    return next((fix for function, fix in _library_error_fixes().items() if function.__code__ is raiser), None)
 
 
 def _prepare_output(output, force, *, is_ours, kind, directory, sources=()) -> None:

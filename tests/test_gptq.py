@@ -3,7 +3,9 @@ import warnings
 import pytest
 import torch
 
+from cli_run import assert_user_error, run
 from rptq_cli.errors import RptqError
+from rptq_cli.quant import gptq as gptq_module
 from rptq_cli.quant.gptq import GPTQ
 from rptq_cli.quant.weights import rtn_quantize, weight_group_sizes
 
@@ -104,15 +106,18 @@ def test_cholesky_gives_up_with_a_clear_error():
     gptq = _with_hessian(torch.tensor([[1.0, 30.0], [30.0, 1.0]]), torch.tensor([[0.3, -0.2]]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RptqError, match="percdamp"):
+        with pytest.raises(ValueError, match="not positive definite even with damping 10") as raised:
             gptq.quantize(torch.tensor([2], dtype=torch.int32), 4)
+    # the library says what is wrong and names no CLI flag (the CLI names the fix: test_cli_names_the_fix_*)
+    assert not isinstance(raised.value, RptqError) and "--" not in str(raised.value)
 
 
 def test_non_finite_hessian_is_refused():
     gptq = GPTQ(torch.randn(2, 4))
     gptq.add_batch(torch.tensor([[1.0, float("inf"), 0.0, 1.0]]))
-    with pytest.raises(RptqError, match="inf/NaN"):
+    with pytest.raises(ValueError, match="inf/NaN") as raised:
         gptq.quantize(torch.tensor([4], dtype=torch.int32), 4)
+    assert not isinstance(raised.value, RptqError) and "--" not in str(raised.value)
 
 
 def test_quantize_lets_go_of_the_fp_weight():
@@ -120,3 +125,36 @@ def test_quantize_lets_go_of_the_fp_weight():
     weight = torch.randn(8, 32)
     gptq, _ = _gptq(weight, torch.randn(64, 32), torch.tensor([32], dtype=torch.int32))
     assert gptq.weight is None and gptq.H is None
+
+
+CALIB = ["--nsamples", "2", "--seqlen", "16", "--seed", "0"]
+
+
+def test_cli_names_the_fix_for_a_non_finite_hessian(tiny_opt_dir, corpus_file, tmp_path, monkeypatch):
+    """A ValueError of the quant layer becomes the CLI's one-line error naming the flag that fixes it."""
+    add_batch = GPTQ.add_batch
+    monkeypatch.setattr(GPTQ, "add_batch", lambda self, x: add_batch(self, x * float("inf")))
+    out = tmp_path / "w4"
+    result = run("quantize", tiny_opt_dir, "--wbits", 4, "--calib-path", corpus_file, *CALIB, "-o", out)
+    assert_user_error(result, "inf/NaN", "--dtype float32")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_names_the_fix_for_a_singular_hessian(tiny_opt_dir, corpus_file, monkeypatch):
+    failed = torch.tensor(1)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda matrix, upper=False: (matrix, failed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run("eval", tiny_opt_dir, "--data-path", corpus_file, "--wbits", 4, "--calib-path", corpus_file,
+                     *CALIB)
+    assert_user_error(result, "not positive definite", "--nsamples", "--weight-quantizer rtn")
+
+
+def test_cli_keeps_the_traceback_of_other_value_errors(tiny_opt_dir, corpus_file, monkeypatch):
+    """Only the library's errors about its inputs are the user's to fix; any other ValueError is a bug in rptq."""
+    def broken(*args, **kwargs):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(gptq_module, "expand_groups", broken)
+    result = run("eval", tiny_opt_dir, "--data-path", corpus_file, "--wbits", 4, "--calib-path", corpus_file, *CALIB)
+    assert result.exit_code == 1 and "this is a bug in rptq" in result.output, result.output

@@ -3,7 +3,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rptq_cli.errors import RptqError
 from rptq_cli.quant.grid import expand_groups, quantize
 from rptq_cli.quant.weights import QuantizedWeight, fp16_affine_params, rtn_quantize, weight_group_sizes
 
@@ -33,13 +32,17 @@ def test_weight_group_sizes():
     assert weight_group_sizes(64, "32").tolist() == [32, 32]
     assert weight_group_sizes(20, 128).tolist() == [20]
     assert weight_group_sizes(100, 32).dtype == torch.int32
-    with pytest.raises(RptqError, match="recalibrate"):
+    with pytest.raises(ValueError, match="calibrated for another model"):
         weight_group_sizes(21, "cluster", clusters)
-    with pytest.raises(RptqError, match="group size"):
+    with pytest.raises(ValueError, match="calibrated for another model"):
+        weight_group_sizes(20, "cluster", torch.tensor([21, -1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="group size"):
         weight_group_sizes(20, "g128")
-    with pytest.raises(RptqError):
+    with pytest.raises(ValueError, match="'g128'"):
+        weight_group_sizes(20, "g128")
+    with pytest.raises(ValueError, match="0"):
         weight_group_sizes(20, 0)
-    with pytest.raises(RptqError):
+    with pytest.raises(ValueError, match="input_cluster_sizes"):
         weight_group_sizes(20, "cluster")
 
 
@@ -112,3 +115,13 @@ def test_rtn_property(rows, sizes, bits, magnitude, seed):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, sum(sizes), generator=gen) * magnitude
     _check_rtn(w, torch.tensor(sizes, dtype=torch.int32), bits)
+
+
+def test_cli_names_the_fix_for_clusters_of_another_model():
+    from rptq_cli.cli import _fix_for_library_error
+    with pytest.raises(ValueError) as raised:
+        weight_group_sizes(21, "cluster", torch.tensor([3, 10, 7], dtype=torch.int32))
+    assert "re-run `rptq calibrate`" in _fix_for_library_error(raised.value)
+    with pytest.raises(ValueError) as raised:  # a caller's mistake, not the user's: no fix, a bug report
+        weight_group_sizes(20, "cluster")
+    assert _fix_for_library_error(raised.value) is None

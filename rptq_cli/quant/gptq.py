@@ -13,7 +13,6 @@ import warnings
 
 import torch
 
-from ..errors import RptqError
 from .grid import dequantize, expand_groups, group_min_max, quantize
 from .weights import QuantizedWeight, fp16_affine_params
 
@@ -55,8 +54,7 @@ class GPTQ:
         if self.H is None:
             raise RuntimeError("GPTQ.quantize was already called: the Hessian is consumed")
         H, self.H = self.H, None
-        if not torch.isfinite(H).all():
-            raise RptqError("the GPTQ Hessian holds inf/NaN: the calibration activations overflowed; calibrate in float32")
+        check_finite_hessian(H)
         W = self.weight.detach().to(H.device, torch.float32, copy=True)
         self.weight = None  # the layer's FP weight can be freed as soon as its linear is replaced
         # a column whose input was always 0 cannot affect the output: make it harmless for the solve
@@ -69,7 +67,7 @@ class GPTQ:
         # the group of every column; (scale, zero) are expanded one block at a time, not to [N, K]
         column_group = expand_groups(torch.arange(len(group_sizes), device=W.device), group_sizes)
 
-        Hinv = _damped_inverse_cholesky(H, percdamp)
+        Hinv = damped_inverse_cholesky(H, percdamp)
         del H
         codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
         losses = torch.zeros_like(W[:, 0])
@@ -92,10 +90,17 @@ class GPTQ:
         return QuantizedWeight(codes, scale.half(), zero.to(torch.uint8), group_sizes.to(torch.int32).cpu(), bits)
 
 
-def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+def check_finite_hessian(H: torch.Tensor) -> None:
+    """ValueError when the Hessian H float32 [K, K] holds inf/NaN (calibration activations that overflowed)."""
+    if not torch.isfinite(H).all():
+        raise ValueError("the GPTQ Hessian holds inf/NaN: the calibration activations overflowed their dtype")
+
+
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹, λ = percdamp · mean(diag H); H float32 [K, K] (damped in place).
 
-    A Hessian from few or collinear samples can be singular in float32: retry with 10× the damping.
+    A Hessian from few or collinear samples can be singular in float32: retry with 10× the damping, then raise
+    ValueError.
     """
     mean_diag = H.diagonal().mean()
     damped = 0.0
@@ -114,7 +119,5 @@ def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
                 return U
         if attempt < CHOLESKY_RETRIES:
             warnings.warn(f"GPTQ: Cholesky failed with damping {damp:g}; retrying with {damp * 10:g}", RuntimeWarning, stacklevel=3)
-    raise RptqError(
-        f"GPTQ: the Hessian is not positive definite even with damping {damped:g}: "
-        "use more calibration samples (--nsamples) or a larger --percdamp"
-    )
+    raise ValueError(f"the GPTQ Hessian ({H.shape[0]} input columns) is not positive definite even with damping "
+                     f"{damped:g} x its mean diagonal: the calibration tokens are too few or too alike")

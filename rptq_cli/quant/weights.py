@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import RptqError
 from .clip import CLIP_RATIOS, shrink_search
 from .grid import dequantize, expand_groups, group_min_max, qmax, quantize
 
@@ -68,22 +67,26 @@ def weight_group_sizes(in_features: int, spec: str | int, input_cluster_sizes: t
     """
     if spec == "cluster":
         if input_cluster_sizes is None:
-            raise RptqError("weight groups 'cluster' need the input's cluster sizes; use --weight-groups channel or an int")
-        sizes = torch.as_tensor(input_cluster_sizes, dtype=torch.int32).cpu()
-        if int(sizes.sum()) != in_features or bool((sizes <= 0).any()):
-            raise RptqError(
-                f"cluster sizes {sizes.tolist()} do not split {in_features} input columns; "
-                "the stats file does not match this model: recalibrate"
-            )
-        return sizes
+            raise ValueError("weight groups 'cluster' need the input's cluster sizes (input_cluster_sizes is None)")
+        return check_cluster_sizes(in_features, input_cluster_sizes)
     if spec == "channel":
         return torch.tensor([in_features], dtype=torch.int32)
     if isinstance(spec, str) and spec.isdigit():
         spec = int(spec)
     if not isinstance(spec, int) or isinstance(spec, bool) or spec <= 0:
-        raise RptqError(f"unknown weight group spec {spec!r}: use 'cluster', 'channel' or a positive group size like 128")
+        raise ValueError(f"unknown weight group spec {spec!r}: not 'cluster', 'channel' or a positive group size like 128")
     full, rest = divmod(in_features, spec)
     return torch.tensor([spec] * full + ([rest] if rest else []), dtype=torch.int32)
+
+
+def check_cluster_sizes(in_features: int, cluster_sizes: torch.Tensor) -> torch.Tensor:
+    """``cluster_sizes`` as int32 [G] on the CPU; ValueError unless they are positive and sum to ``in_features``
+    (clusters calibrated on another model or with other settings)."""
+    sizes = torch.as_tensor(cluster_sizes, dtype=torch.int32).cpu()
+    if int(sizes.sum()) != in_features or bool((sizes <= 0).any()):
+        raise ValueError(f"cluster sizes {sizes.tolist()} do not split {in_features} input columns: the clusters "
+                         "were calibrated for another model or other settings")
+    return sizes
 
 
 def rtn_quantize(
