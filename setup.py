@@ -5,6 +5,9 @@ with OpenMP; the CPU kernels for AVX-512 VNNI, AVX2 and baseline x86-64 are all 
 chosen at run time from the processor's flags. When torch has CUDA and ``nvcc`` is found, the
 ``csrc/cuda/*.cu`` kernels are built in too (a CUDAExtension). ``RPTQ_NO_EXTENSION=1`` skips the
 extension (the pure-PyTorch reference then runs).
+
+``pip install .`` (not editable) installs the presets and big models' configs of ``rptq_cli/configs/`` with the
+package (``package_data``), and the pinned runtime dependencies of ``requirements.txt``.
 """
 import glob
 import os
@@ -44,6 +47,13 @@ def extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def requirements() -> list[str]:
+    """requirements.txt without its comments: the runtime dependencies, one source for pip and make install."""
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        lines = (line.split("#", 1)[0].strip() for line in f)
+        return [line for line in lines if line]
+
+
 ext_modules, cmdclass = extensions()
 
 setup(
@@ -51,7 +61,9 @@ setup(
     version="0.1.0",
     description="RPTQ quantization of LLMs with packed low-bit kernels",
     packages=find_packages(include=["rptq_cli", "rptq_cli.*"]),
+    package_data={"rptq_cli": ["configs/*.yaml", "configs/models/*/config.json"]},
     python_requires=">=3.10",
+    install_requires=requirements(),
     entry_points={"console_scripts": ["rptq = rptq_cli.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -165,7 +165,7 @@ def calib_options(fn):
 def config_options(fn):
     """The flags that make a QuantConfig (a preset and what overrides it): see :func:`_config_flags`."""
     opts = [
-        click.option("--config", "preset", default=None, help="Preset from configs/ (w4a8, w4a4kv, ...); flags override."),
+        click.option("--config", "preset", default=None, help="Preset from rptq_cli/configs/ (w4a8, w4a4kv, ...); flags override."),
         click.option("--wbits", type=int, default=None, help="Weight bits: 2, 3, 4, 8 or 16."),
         click.option("--abits", type=int, default=None, help="Activation bits: 3, 4, 8 or 16."),
         click.option("--kv-only", is_flag=True, default=None, help="Quantize only K and V at --abits."),

@@ -22,7 +22,8 @@ import yaml
 
 from .errors import RptqError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: the presets (NAME.yaml) and big models' config.json (models/NAME/), shipped as package data (setup.py)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 ACT_POINTS = ("x1", "q", "k", "v", "p", "o_in", "x2", "down_in")
 REORDER_POINTS = ("R1", "R2", "R3", "R4", "R5")
 DEFAULT_CLUSTERS = {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
