@@ -534,7 +534,7 @@ def quantize(model, output, force, resume, preset, wbits, abits, kv_only, mode, 
 def _time_and_memory_line(seconds: dict) -> str:
     """Peak resident memory of this process and the seconds of each phase (the layer phases summed over layers;
     after --resume they include the interrupted run's)."""
-    from .bench_e2e import peak_rss_mb
+    from .process import peak_rss_mb
     phases = ", ".join(f"{name} {value:.1f}s" for name, value in seconds.items())
     return f"peak RSS {peak_rss_mb() / 1024:.2f} GiB; time per phase: {phases}"
 
@@ -729,15 +729,8 @@ def inspect(source, layer, point, n_clusters, output, json_path, force, calib_da
 @_run
 def bench(quick, json_path, threads):
     """Time the rptq:: kernels against torch baselines measured in the same run, on this machine."""
-    import torch
-
-    from .bench import register_row_producer, run_bench
-    from .bench_e2e import decode_rows
-    if torch.cuda.is_available():
-        from .bench_cuda import run_cuda_bench
-        register_row_producer(lambda quick, threads: run_cuda_bench(quick))
-        register_row_producer(lambda quick, threads: decode_rows(quick, threads, device="cuda"))
-    run_bench(quick=quick, threads=threads, json_path=json_path, extra_rows=decode_rows)
+    from .bench import run_bench
+    run_bench(quick=quick, threads=threads, json_path=json_path, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ timeout 240 python3 -m pytest tests/test_kernels_cuda.py tests/test_model_cuda.p
 t2=$(date +%s); echo "tests: $((t2 - t1)) s" | tee -a "$OUT/gpu.txt"
 
 # ---- bench ---------------------------------------------------------------------------------------
-timeout 200 python3 -m rptq_cli.bench_cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
+timeout 200 python3 -m rptq_cli.bench.cuda ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log"
 # the end-to-end row of `rptq bench` on the GPU: W4A4KV decode against HF generate in fp16
-timeout 150 python3 -c "import json; from rptq_cli.bench_e2e import decode_rows; \
+timeout 150 python3 -c "import json; from rptq_cli.bench.e2e import decode_rows; \
 print(json.dumps(decode_rows(quick=True, device='cuda'), indent=1))" 2>&1 | tail -n 20 | tee -a "$OUT/bench.log"
 t3=$(date +%s); echo "bench: $((t3 - t2)) s" | tee -a "$OUT/gpu.txt"

@@ -1,8 +1,74 @@
-"""The end-to-end decode row of ``rptq bench``, on a tiny model: both sides measured, in their own processes."""
+"""``rptq bench``: ours and each baseline timed the same way, every measured row reported, and the end-to-end
+decode row on a tiny model (both sides measured, in their own processes)."""
+import json
+import time
+
 import pytest
+import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig
 
-from rptq_cli.bench_e2e import decode_rows
+from rptq_cli import bench
+from rptq_cli.bench import cpu, e2e, timing
+from rptq_cli.bench.e2e import decode_rows
+from rptq_cli.bench.table import row
+
+
+@pytest.fixture
+def small_rotation(monkeypatch):
+    """Rotate through copies worth 4 KiB instead of hundreds of MiB (the policy, not the size, is under test)."""
+    monkeypatch.setattr(timing, "rotation_bytes", lambda device: 4096)
+
+
+def test_ours_and_the_baseline_are_timed_alike(small_rotation):
+    calls = []
+
+    def sleeper(name, seconds):
+        def run(tensor):
+            calls.append((name, tensor.data_ptr()))
+            time.sleep(seconds)
+        return run
+
+    inputs = (torch.zeros(256),)  # 1 KiB: 4 copies make the 4 KiB pass
+    ms, baseline_ms = timing.time_pair((sleeper("ours", 0.004), inputs), (sleeper("base", 0.016), inputs), 5)
+    assert [name for name, _ in calls] == ["ours", "base"] * (timing.WARMUP + 5)  # alternating, same count
+    for name in ("ours", "base"):  # both rotate through the same number of distinct copies
+        assert len({ptr for who, ptr in calls if who == name}) == 4
+    assert 4 <= ms < baseline_ms and baseline_ms >= 16
+    # the speedup is the baseline's time over ours: a 4x slower baseline gives about 4 (sleep overshoot lowers it)
+    assert 2 < row("op", "shape", "cpu", ms, "base", baseline_ms)["speedup"] <= 4.1
+
+
+def test_without_rotation_both_sides_get_the_originals():
+    seen = []
+    inputs = (torch.zeros(4),)
+    timing.time_pair((lambda t: seen.append(t.data_ptr()), inputs), (lambda t: seen.append(t.data_ptr()), inputs), 3,
+                     rotate=False)
+    assert set(seen) == {inputs[0].data_ptr()}
+
+
+def test_every_measured_row_is_printed_and_written(small_rotation, monkeypatch, tmp_path):
+    norm_calls = []
+    rms_norm = F.rms_norm
+    monkeypatch.setattr(F, "rms_norm", lambda *a, **k: norm_calls.append(1) or rms_norm(*a, **k))
+
+    def small_cpu_rows(quick, add):  # the real benches at small shapes: attention has two baselines
+        add(cpu.bench_attention(4, 32, 64, 3, 2, bw=1.0))
+        add(cpu.bench_norm(4, 64, True, 2))
+        add(cpu.bench_kv_append(4, 32, 4, 2))
+
+    monkeypatch.setattr(cpu, "cpu_rows", small_cpu_rows)
+    monkeypatch.setattr(e2e, "decode_rows", lambda *args, **kwargs: [])
+    printed = []
+    rows = bench.run_bench(quick=True, threads=1, json_path=str(tmp_path / "rows.json"), echo=printed.append)
+    pairs = [(r["op"], r["baseline"]) for r in rows]
+    assert pairs == [("kv3_decode_attention", "sdpa_fp32"), ("kv3_decode_attention", "sdpa_bf16"),
+                     ("reorder_rmsnorm", "torch_fp32_rms_norm"), ("kv4_append", "torch_fp32_copy")]
+    assert norm_calls  # the RMSNorm baseline is torch's own F.rms_norm
+    table = printed[printed.index("") + 1:]
+    for r in rows:
+        assert sum(r["op"] in line and r["baseline"] in line for line in table) == 1, table
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
 
 
 @pytest.mark.slow
@@ -10,10 +76,8 @@ def test_decode_row_measures_ours_against_hf_generate():
     tiny = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                        num_hidden_layers=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=True,
                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    (row,) = decode_rows(quick=True, threads=1, model_cfg=tiny)
-    assert row["op"] == "w4a4kv_e2e_decode" and row["shape"] == "llama 2L h64 decode 24 tok"
-    assert row["baseline"] == "hf_generate_bf16" and row["backend"] != "torch_bf16"
-    assert row["ms"] > 0 and row["baseline_ms"] > 0
-    assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["ms"], rel=1e-2)
-    assert row["tokens_per_s"] == pytest.approx(1000 / row["ms"], rel=1e-2)
-    assert row["peak_rss_mb"] > 50 and row["baseline_peak_rss_mb"] > 50  # each side's own process: torch alone
+    (row_,) = decode_rows(quick=True, threads=1, model_cfg=tiny)
+    assert row_["op"] == "w4a4kv_e2e_decode" and row_["shape"] == "llama 2L h64 decode 24 tok"
+    assert row_["baseline"] == "hf_generate_bf16" and row_["backend"] != "torch_bf16"
+    assert row_["ms"] > 0 and row_["baseline_ms"] > 0 and row_["tokens_per_s"] > 0
+    assert row_["peak_rss_mb"] > 50 and row_["baseline_peak_rss_mb"] > 50  # each side's own process: torch alone

@@ -9,7 +9,6 @@ on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..process import peak_rss_mb
+from .table import row as table_row
 
 PROMPT_TOKENS = 16
 
@@ -33,10 +35,10 @@ def prepare(directory: Path, model_cfg, reorder: bool = True) -> None:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
-    from .config import build_config
-    from .export import save_quantized
-    from .models import family_for
-    from .quantize import quantize_model
+    from ..config import build_config
+    from ..export import save_quantized
+    from ..models import family_for
+    from ..quantize import quantize_model
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_cfg, dtype=torch.float32).eval()
     vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
@@ -57,9 +59,9 @@ def decode(directory: Path, which: str, new_tokens: int, threads: int, device: s
     prompt (in this process)."""
     from transformers import AutoModelForCausalLM
 
-    from . import kernels
-    from .export import load_quantized
-    from .nn.kv_cache import PackedKVCache
+    from .. import kernels
+    from ..export import load_quantized
+    from ..nn.kv_cache import PackedKVCache
     torch.set_num_threads(threads)
     gpu = torch.device(device).type == "cuda"
     if which == "fp":
@@ -88,17 +90,8 @@ def decode(directory: Path, which: str, new_tokens: int, threads: int, device: s
             "peak_mb": peak_mb, "backend": backend}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries the parent's high-water
-    mark across fork + exec, so a child started by a big parent would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _in_subprocess(directory: Path, which: str, new_tokens: int, threads: int, device: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "rptq_cli.bench_e2e", str(directory), which, str(new_tokens),
+    out = subprocess.run([sys.executable, "-m", "rptq_cli.bench.e2e", str(directory), which, str(new_tokens),
                           str(threads), device], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -126,12 +119,10 @@ def decode_rows(quick: bool = False, threads: int | None = None, device: str = "
     shape = f"llama {cfg.num_hidden_layers}L h{cfg.hidden_size} decode {new_tokens} tok"
     shape += "" if reorder else " no-reorder"
     memory = "peak_gpu_mb" if torch.device(device).type == "cuda" else "peak_rss_mb"
-    row = {"op": "w4a4kv_e2e_decode", "shape": shape, "backend": ours["backend"],
-           "ms": round(ours["ms_per_token"], 3), "baseline": f"hf_generate_{base['backend'].removeprefix('torch_')}",
-           "baseline_ms": round(base["ms_per_token"], 3),
-           "speedup": round(base["ms_per_token"] / ours["ms_per_token"], 3),
-           "tokens_per_s": round(ours["tokens_per_s"], 2), "baseline_tokens_per_s": round(base["tokens_per_s"], 2),
-           memory: round(ours["peak_mb"], 1), f"baseline_{memory}": round(base["peak_mb"], 1)}
+    row = table_row("w4a4kv_e2e_decode", shape, ours["backend"], ours["ms_per_token"],
+                    f"hf_generate_{base['backend'].removeprefix('torch_')}", base["ms_per_token"],
+                    tokens_per_s=ours["tokens_per_s"], baseline_tokens_per_s=base["tokens_per_s"],
+                    **{memory: ours["peak_mb"], f"baseline_{memory}": base["peak_mb"]})
     if torch.device(device).type == "cuda":
         row["device"] = torch.cuda.get_device_name()
     return [row]
