@@ -16,7 +16,7 @@ def row(op: str, shape: str, backend: str, ms: float, baseline: str | None, base
 
 def format_row(r: dict) -> str:
     """The progress line of one row: time, the baseline's and the speedup, bandwidth or throughput."""
-    rate = f"  {r['gbps']:.1f} GB/s" if "gbps" in r else (f"  {r['gops'] / 1e3:.2f} TOPS" if "gops" in r else "")
+    rate = f"  {r['gbps']:.1f} GB/s" if "gbps" in r else (f"  {r['gops']:.1f} GOP/s" if "gops" in r else "")
     base = f"  vs {r['baseline']} {r['baseline_ms']:.4f} ms  x{r['speedup']:.2f}" if r.get("baseline") else ""
     return f"  {r['op']:<26} {r['shape']:<36} {r['ms']:.4f} ms{base}{rate}"
 
