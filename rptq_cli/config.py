@@ -1,4 +1,4 @@
-"""What to quantize and how: one dataclass, loadable from the presets in ``configs/``.
+"""What to quantize and how: one dataclass, loadable from the presets in ``rptq_cli/configs/``.
 
 Activation points of one decoder layer (DESIGN §2), named by the tensor that is quantized:
 
