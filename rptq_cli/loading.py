@@ -478,8 +478,9 @@ def _infer_device_map(model: nn.Module, family: Family, kind: str, budgets: dict
         raise RptqError(f"{where} gives no device room for one decoder layer: the smallest ({smallest}) takes "
                         f"{format_size(sizes[smallest])}; give a device at least that, e.g. --max-memory cpu={need}MiB")
     no_split = [type(family.decoder_layers(model)[0]).__name__]
-    if kind == "balanced":
-        budgets = get_balanced_memory(model, budgets, no_split_module_classes=no_split)
+    if kind == "balanced":  # it balances GPUs only, and cannot read a "disk" key (accelerate 1.15)
+        disk = {"disk": budgets.pop("disk")} if "disk" in budgets else {}
+        budgets = {**get_balanced_memory(model, budgets, no_split_module_classes=no_split), **disk}
     with quiet_accelerate():
         device_map = infer_auto_device_map(model, budgets, no_split_module_classes=no_split, offload_buffers=True)
     if device_map.get("") == "disk":
