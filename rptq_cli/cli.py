@@ -124,6 +124,8 @@ def placement_options(fn):
 
 def _placement(device, device_map, max_memory):
     """(device map or None, budgets or None, the device that runs the model), every flag checked before loading."""
+    import torch
+
     from .loading import main_device, parse_max_memory, read_device_map, resolve_device
     if device_map is None:
         if max_memory is not None:
@@ -139,18 +141,18 @@ def _placement(device, device_map, max_memory):
                             "auto and balanced: drop it")
         return placement, None, main_device(placement.values())
     budgets = parse_max_memory(max_memory) if max_memory is not None else None
-    import torch
     gpus = budgets if budgets is not None else range(torch.cuda.device_count())
     return placement, budgets, main_device(gpus)
 
 
 @contextlib.contextmanager
 def _placed(net, device, device_map, budgets, device_map_spec, max_memory_spec):
-    """``net`` on ``device``, or spread by ``device_map`` (see :func:`loading.place_model`) for the duration; layers
-    placed on disk live in a temporary folder (under $TMPDIR), removed on the way out."""
+    """``net`` on ``device``, or spread by ``device_map`` (see :func:`loading.place_model`) for the duration; yields
+    the device that runs it. Layers placed on disk live in a temporary folder (under $TMPDIR), removed on the way
+    out."""
     if device_map is None:
         net.to(device)
-        yield
+        yield device
         return
     import tempfile
 
@@ -159,10 +161,10 @@ def _placed(net, device, device_map, budgets, device_map_spec, max_memory_spec):
     family = family_for(net.config)
     may_offload = "disk" in (device_map.values() if isinstance(device_map, dict) else budgets or ())
     with tempfile.TemporaryDirectory(prefix="rptq-offload-") if may_offload else contextlib.nullcontext() as folder:
-        place_model(net, family, device_map, budgets, offload_dir=folder, spec=device_map_spec,
-                    max_memory_spec=max_memory_spec)
+        main = place_model(net, family, device_map, budgets, offload_dir=folder, spec=device_map_spec,
+                           max_memory_spec=max_memory_spec)
         click.echo(f"device map ({device_map_spec}): {describe_device_map(net, family, net.hf_device_map)}", err=True)
-        yield
+        yield main
 
 
 def calib_options(fn):
@@ -385,7 +387,7 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_ta
     from . import kernels
     label = quantization["label"] if quantization else "FP"
     data = dict(zip(tasks, data_paths or tasks))
-    with _placed(net, device, placement, budgets, device_map, max_memory):
+    with _placed(net, device, placement, budgets, device_map, max_memory) as device:
         click.echo(f"backend: {kernels.backend(device)}", err=True)
         results = {task: perplexity(net, tokens, seqlen=eval_seqlen, batch_size=batch_size, desc=task)
                    for task, tokens in texts.items()}
@@ -583,21 +585,21 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, n
     net, tokenizer, _ = _load_any(model, resolve_dtype(dtype, device), verify=not no_verify)
     inputs = tokenizer(prompt, return_tensors="pt")
     _check_generation_length(inputs["input_ids"].shape[1], max_new_tokens, net.config)
-    inputs = inputs.to(device)
     cache = PackedKVCache.from_model(net, max_length=inputs["input_ids"].shape[1] + max_new_tokens)
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     try:
-        with _placed(net, device, placement, budgets, device_map, max_memory), torch.no_grad():
+        with _placed(net, device, placement, budgets, device_map, max_memory) as device, torch.no_grad():
+            inputs = inputs.to(device)
             start = time.perf_counter()
             out = net.generate(**inputs, max_new_tokens=max_new_tokens, past_key_values=cache,
                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+            seconds = time.perf_counter() - start
     except RuntimeError as exc:  # torch.multinomial's word for NaN/inf logits; anything else is ours
         if "probability tensor contains" not in str(exc):
             raise
         raise RptqError(f"sampling met NaN or infinite probabilities: {model} produces NaN/inf logits (broken "
                         "weights, or an overflow in this dtype: try --dtype float32)") from None
-    seconds = time.perf_counter() - start
     new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
     if verbose:

@@ -472,11 +472,13 @@ def _infer_device_map(model: nn.Module, family: Family, kind: str, budgets: dict
     where = f"--max-memory {spec}" if given else "the free memory of this machine"
     sizes = compute_module_sizes(model)
     smallest = min(_decoder_layers(model, family), key=lambda name: sizes[name])
-    room = max((size for device, size in budgets.items() if device != "disk"), default=0)
-    if room < sizes[smallest]:
+    rooms = {device: size for device, size in budgets.items() if device != "disk"}
+    roomiest = max(rooms, key=rooms.get, default="cpu")
+    if rooms.get(roomiest, 0) < sizes[smallest]:
         need = -(-sizes[smallest] // 2**20)
         raise RptqError(f"{where} gives no device room for one decoder layer: the smallest ({smallest}) takes "
-                        f"{format_size(sizes[smallest])}; give a device at least that, e.g. --max-memory cpu={need}MiB")
+                        f"{format_size(sizes[smallest])}; give a device at least that, e.g. --max-memory "
+                        f"{roomiest}={need}MiB")
     no_split = [type(family.decoder_layers(model)[0]).__name__]
     if kind == "balanced":  # it balances GPUs only, and cannot read a "disk" key (accelerate 1.15)
         disk = {"disk": budgets.pop("disk")} if "disk" in budgets else {}
