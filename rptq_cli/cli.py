@@ -148,6 +148,62 @@ def model_options(fn):
     return fn
 
 
+def placement_options(fn):
+    fn = click.option("--max-memory", default=None, metavar="DEV=SIZE,...",
+                      help="Budgets for --device-map auto/balanced, e.g. 0=70GiB,cpu=100GiB; disk=SIZE allows "
+                           "offloading layers to a temporary folder [free GPU memory less 10%, available RAM].")(fn)
+    fn = click.option("--device-map", default=None, metavar="auto|balanced|FILE.json",
+                      help="Spread the model over GPUs, CPU and disk (accelerate): auto fills GPU 0, then 1, …, "
+                           "then the CPU; balanced gives every GPU as many layers; FILE.json maps module names to "
+                           "0, 1, …, cpu or disk. Layers on cpu/disk run on the first GPU. Instead of --device.")(fn)
+    return fn
+
+
+def _placement(device, device_map, max_memory):
+    """(device map or None, budgets or None, the device that runs the model), every flag checked before loading."""
+    import torch
+
+    from .loading import main_device, parse_max_memory, read_device_map, resolve_device
+    if device_map is None:
+        if max_memory is not None:
+            raise RptqError("--max-memory budgets a --device-map; add --device-map auto (or balanced)")
+        return None, None, resolve_device(device)
+    source = click.get_current_context().get_parameter_source("device")
+    if source not in (None, click.core.ParameterSource.DEFAULT):
+        raise RptqError("--device and --device-map both place the model; pass one of them")
+    placement = read_device_map(device_map)
+    if isinstance(placement, dict):
+        if max_memory is not None:
+            raise RptqError(f"--device-map {device_map} places every module itself; --max-memory applies to "
+                            "auto and balanced: drop it")
+        return placement, None, main_device(placement.values())
+    budgets = parse_max_memory(max_memory) if max_memory is not None else None
+    gpus = budgets if budgets is not None else range(torch.cuda.device_count())
+    return placement, budgets, main_device(gpus)
+
+
+@contextlib.contextmanager
+def _placed(net, device, device_map, budgets, device_map_spec, max_memory_spec):
+    """``net`` on ``device``, or spread by ``device_map`` (see :func:`loading.place_model`) for the duration; yields
+    the device that runs it. Layers placed on disk live in a temporary folder (under $TMPDIR), removed on the way
+    out."""
+    if device_map is None:
+        net.to(device)
+        yield device
+        return
+    import tempfile
+
+    from .loading import describe_device_map, place_model
+    from .models import family_for
+    family = family_for(net.config)
+    may_offload = "disk" in (device_map.values() if isinstance(device_map, dict) else budgets or ())
+    with tempfile.TemporaryDirectory(prefix="rptq-offload-") if may_offload else contextlib.nullcontext() as folder:
+        main = place_model(net, family, device_map, budgets, offload_dir=folder, spec=device_map_spec,
+                           max_memory_spec=max_memory_spec)
+        click.echo(f"device map ({device_map_spec}): {describe_device_map(net, family, net.hf_device_map)}", err=True)
+        yield main
+
+
 def calib_options(fn):
     fn = click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1),
                       help="Windows per forward pass (calibration and evaluation).")(fn)
@@ -314,16 +370,20 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 @quant_options
 @calib_options
 @model_options
+@placement_options
 @_run
 def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_tasks, lm_eval_include, limit,
              num_fewshot, no_verify, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
              no_reorder, act_clip, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device,
-             dtype):
+             dtype, device_map, max_memory):
     """GPTQ-protocol perplexity (and lm-eval accuracy) of an FP model, a simulated RPTQ quantization or a
     checkpoint."""
     from .data import eval_tokens
     from .evaluate import perplexity
-    from .loading import default_seqlen, resolve_device, resolve_dtype
+    from .loading import default_seqlen, resolve_dtype
+    placement, budgets, device = _placement(device, device_map, max_memory)
+    if report_path and placement is not None:
+        raise RptqError("--report measures the model on one device; drop --device-map (or --report)")
     tasks = tasks or (() if lm_eval_tasks else ("wikitext",))
     lm_eval_manager = None
     if lm_eval_tasks:
@@ -347,7 +407,6 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_ta
                         sources=(model,))
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
                            no_reorder, act_clip)
-    device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, device)
     net, tokenizer, family = _load_any(model, compute_dtype, verify=not no_verify)
     if family is None and config is not None:
@@ -362,23 +421,23 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_ta
     if config is not None:
         quantization = _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_dataset, calib_path,
                                            nsamples, seqlen, seed, batch_size, device)
-    net.to(device)
     from . import kernels
-    click.echo(f"backend: {kernels.backend(device)}", err=True)
-    results = {task: perplexity(net, tokens, seqlen=eval_seqlen, batch_size=batch_size, desc=task)
-               for task, tokens in texts.items()}
     label = quantization["label"] if quantization else "FP"
-    for task, r in results.items():
-        click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
     data = dict(zip(tasks, data_paths or tasks))
-    if lm_eval_tasks:
-        from .lm_eval_bridge import evaluate_tasks, format_metrics
-        accuracy = evaluate_tasks(net, tokenizer, lm_eval_tasks, manager=lm_eval_manager, limit=limit,
-                                  num_fewshot=num_fewshot, batch_size=batch_size)
-        for task, r in accuracy.items():
-            click.echo(f"{model}  {label}  {task}: {format_metrics(r)}")
-        results.update(accuracy)
-        data.update({task: f"lm-eval {lm_eval_include or ''}".strip() for task in accuracy})
+    with _placed(net, device, placement, budgets, device_map, max_memory) as device:
+        click.echo(f"backend: {kernels.backend(device)}", err=True)
+        results = {task: perplexity(net, tokens, seqlen=eval_seqlen, batch_size=batch_size, desc=task)
+                   for task, tokens in texts.items()}
+        for task, r in results.items():
+            click.echo(f"{model}  {label}  {task}: ppl {r['ppl']:.3f}  ({r['windows']} windows × {r['seqlen']})")
+        if lm_eval_tasks:
+            from .lm_eval_bridge import evaluate_tasks, format_metrics
+            accuracy = evaluate_tasks(net, tokenizer, lm_eval_tasks, manager=lm_eval_manager, limit=limit,
+                                      num_fewshot=num_fewshot, batch_size=batch_size)
+            for task, r in accuracy.items():
+                click.echo(f"{model}  {label}  {task}: {format_metrics(r)}")
+            results.update(accuracy)
+            data.update({task: f"lm-eval {lm_eval_include or ''}".strip() for task in accuracy})
     if json_path:
         _write_json(json_path, {"model": model, "quantization": quantization, "results": results})
     if family is None:
@@ -549,34 +608,35 @@ def _time_and_memory_line(seconds: dict) -> str:
 @click.option("--verbose", "-v", is_flag=True, help="Backend, speed and KV-cache bytes per token.")
 @verify_option
 @model_options
+@placement_options
 @_run
-def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, no_verify, device, dtype):
+def generate(model, prompt, max_new_tokens, temperature, top_p, seed, verbose, no_verify, device, dtype, device_map,
+             max_memory):
     """Generate text from MODEL (an rptq checkpoint or an FP model) with its packed KV cache."""
     import torch
 
     from . import kernels
-    from .loading import resolve_device, resolve_dtype
+    from .loading import resolve_dtype
     from .nn.kv_cache import PackedKVCache
-    device = resolve_device(device)
+    placement, budgets, device = _placement(device, device_map, max_memory)
     net, tokenizer, _ = _load_any(model, resolve_dtype(dtype, device), verify=not no_verify)
     inputs = tokenizer(prompt, return_tensors="pt")
     _check_generation_length(inputs["input_ids"].shape[1], max_new_tokens, net.config)
-    net.to(device)
-    inputs = inputs.to(device)
     cache = PackedKVCache.from_model(net, max_length=inputs["input_ids"].shape[1] + max_new_tokens)
     torch.manual_seed(seed)
-    start = time.perf_counter()
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     try:
-        with torch.no_grad():
+        with _placed(net, device, placement, budgets, device_map, max_memory) as device, torch.no_grad():
+            inputs = inputs.to(device)
+            start = time.perf_counter()
             out = net.generate(**inputs, max_new_tokens=max_new_tokens, past_key_values=cache,
                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+            seconds = time.perf_counter() - start
     except RuntimeError as exc:  # torch.multinomial's word for NaN/inf logits; anything else is ours
         if "probability tensor contains" not in str(exc):
             raise
         raise RptqError(f"sampling met NaN or infinite probabilities: {model} produces NaN/inf logits (broken "
                         "weights, or an overflow in this dtype: try --dtype float32)") from None
-    seconds = time.perf_counter() - start
     new_tokens = out.shape[1] - inputs["input_ids"].shape[1]
     click.echo(tokenizer.decode(out[0], skip_special_tokens=True))
     if verbose:

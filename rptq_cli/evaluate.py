@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rptq_cli.errors import RptqError
+from rptq_cli.loading import input_device
 
 MAX_MEAN_NLL = math.log(torch.finfo(torch.float64).max)  # ≈ 709.8 nats
 
@@ -98,8 +99,7 @@ def _batches(windows: torch.Tensor, batch_size: int, progress: bool, desc: str) 
 
 def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """float32 logits [batch, seqlen, vocab]: the loss of a half-precision model is still taken in float32."""
-    device = next(model.parameters()).device
-    return model(input_ids=input_ids.to(device), use_cache=False).logits.float()
+    return model(input_ids=input_ids.to(input_device(model)), use_cache=False).logits.float()
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .errors import RptqError
+from .loading import input_device
 
 # metrics written per task; lm-eval reports them as "acc,none" (metric, filter)
 METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "exact_match")
@@ -93,6 +94,9 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, include: str | None = 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # HFLM puts inputs on a model object's first parameter's device: the meta device when accelerate offloaded
+        # the embeddings (--device-map); the main device of the map is where inputs belong
+        lm._device = input_device(model)
         out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                               task_manager=manager, bootstrap_iters=0, log_samples=False)
     metrics = task_metrics(out["results"], out.get("n-samples") or {})

@@ -346,3 +346,241 @@ def quiet_transformers():
 def default_seqlen(config) -> int:
     """GPTQ's 2048, or the model's maximum positions when shorter."""
     return min(2048, getattr(config, "max_position_embeddings", 2048) or 2048)
+
+
+# --- Placement over several devices (accelerate device maps) -------------------------------------------------------
+
+DEVICE_MAP_KINDS = ("auto", "balanced")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+GPU_HEADROOM = 0.9  # of a GPU's free memory when --max-memory does not say: the rest is for activations and cache
+
+
+def format_size(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _parse_size(text: str) -> int | None:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?", text.strip(), re.IGNORECASE)
+    if match is None:
+        return None
+    return int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
+
+
+def _parse_device(text, what: str) -> int | str:
+    """A device of a device map or --max-memory: a GPU index (``0``, ``"0"``, ``"cuda:0"``), ``"cpu"`` or
+    ``"disk"``; a GPU that torch does not see is refused here, not when the first layer reaches it."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        index = text
+    elif isinstance(text, str) and text in ("cpu", "disk"):
+        return text
+    elif isinstance(text, str) and re.fullmatch(r"(cuda:)?\d+", text):
+        index = int(text.removeprefix("cuda:"))
+    else:
+        raise RptqError(f"{what}: {text!r} is not a device; use a GPU index (0, 1, ...), cpu or disk")
+    if index >= torch.cuda.device_count():
+        seen = torch.cuda.device_count()
+        raise RptqError(f"{what}: GPU {index} does not exist (torch sees {seen} GPU{'s' * (seen != 1)}); "
+                        "use the GPUs that exist, cpu or disk")
+    return index
+
+
+def parse_max_memory(spec: str) -> dict[int | str, int]:
+    """``0=70GiB,cpu=100GiB`` → ``{0: 75161927680, "cpu": 107374182400}`` (GPU indexes, cpu, disk; sizes in
+    B, KB/MB/GB/TB or KiB/MiB/GiB/TiB, a bare number is bytes). Every item is checked; the first bad one is named."""
+    budgets: dict[int | str, int] = {}
+    for item in spec.split(","):
+        device, eq, size = item.partition("=")
+        if not eq or not device.strip():
+            raise RptqError(f"--max-memory item {item!r} is not DEVICE=SIZE; write e.g. 0=70GiB,cpu=100GiB")
+        key = _parse_device(device.strip(), f"--max-memory item {item!r}")
+        if key in budgets:
+            raise RptqError(f"--max-memory names {key} twice; give each device once")
+        budgets[key] = _parse_size(size)
+        if budgets[key] is None:
+            raise RptqError(f"--max-memory item {item!r}: {size!r} is not a size; write e.g. 70GiB, 500MB or 1024")
+    return budgets
+
+
+def read_device_map(spec: str) -> str | dict[str, int | str]:
+    """``auto``, ``balanced``, or the module → device map a JSON file holds (its devices checked here; its module
+    names are checked against the model by :func:`place_model`)."""
+    if spec in DEVICE_MAP_KINDS:
+        return spec
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise RptqError(f"--device-map {spec!r} is neither {' nor '.join(DEVICE_MAP_KINDS)} nor a JSON file")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RptqError(f"--device-map {spec}: cannot read it as JSON ({_first_line(exc)})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise RptqError(f"--device-map {spec} must hold a JSON object of module name → device, "
+                        'e.g. {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", ...}')
+    return {name: _parse_device(device, f"--device-map {spec}, module {name!r}") for name, device in raw.items()}
+
+
+def _decoder_layers(model: nn.Module, family: Family) -> list[str]:
+    return [f"{family.layers}.{i}" for i in range(len(family.decoder_layers(model)))]
+
+
+def _check_device_map(model: nn.Module, family: Family, device_map: dict, source: str) -> None:
+    """Every stored tensor placed exactly once, by names the model has, and no decoder layer split."""
+    modules = dict(model.named_modules())
+    layers = _decoder_layers(model, family)
+    for name in device_map:
+        if name not in modules:
+            raise RptqError(f"--device-map {source} names module {name!r}, which the model does not have (its "
+                            f"decoder layers are {layers[0]} … {layers[-1]}); use names from model.named_modules()")
+        inside = next((layer for layer in layers if name.startswith(layer + ".")), None)
+        if inside is not None:
+            raise RptqError(f"--device-map {source} places {name!r}, a part of decoder layer {inside}; a layer runs on "
+                            f"one device: place {inside} as a whole")
+        outer = next((other for other in device_map if other != name and _is_under(name, other)), None)
+        if outer is not None:
+            raise RptqError(f"--device-map {source} places both {outer!r} and {name!r}, which is inside it; place "
+                            "each module once")
+    if device_map.get("") == "disk":
+        raise RptqError(f"--device-map {source} puts the whole model ('') on disk as one module; map its modules "
+                        "(embeddings, each layer, the head) to disk one by one")
+    unplaced = [key for key in model.state_dict() if not any(_is_under(key, name) for name in device_map)]
+    if unplaced:
+        raise RptqError(f"--device-map {source} places no device for {len(unplaced)} tensors, e.g. {unplaced[0]}; "
+                        f"add its module ({unplaced[0].rpartition('.')[0] or unplaced[0]}) to the map")
+
+
+def _default_budgets(model: nn.Module) -> dict[int | str, int]:
+    """Every GPU's free memory less headroom, and the CPU's available memory plus what the model already takes
+    there (it was loaded on the CPU: leaving it there costs nothing more)."""
+    import psutil
+    budgets: dict[int | str, int] = {i: int(torch.cuda.mem_get_info(i)[0] * GPU_HEADROOM)
+                                     for i in range(torch.cuda.device_count())}
+    on_cpu = sum(t.numel() * t.element_size() for t in model.state_dict().values() if t.device.type == "cpu")
+    budgets["cpu"] = psutil.virtual_memory().available + on_cpu
+    return budgets
+
+
+def _infer_device_map(model: nn.Module, family: Family, kind: str, budgets: dict | None, spec: str | None):
+    """accelerate's map for ``kind`` (auto: fill GPU 0, then 1, …, then the CPU; balanced: the same layers on every
+    GPU) within ``budgets``; refuses budgets that hold no layer, and disk unless the budgets name it."""
+    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+    given = budgets is not None
+    budgets = dict(budgets) if given else _default_budgets(model)
+    where = f"--max-memory {spec}" if given else "the free memory of this machine"
+    sizes = compute_module_sizes(model)
+    smallest = min(_decoder_layers(model, family), key=lambda name: sizes[name])
+    rooms = {device: size for device, size in budgets.items() if device != "disk"}
+    roomiest = max(rooms, key=rooms.get, default="cpu")
+    if rooms.get(roomiest, 0) < sizes[smallest]:
+        need = -(-sizes[smallest] // 2**20)
+        raise RptqError(f"{where} gives no device room for one decoder layer: the smallest ({smallest}) takes "
+                        f"{format_size(sizes[smallest])}; give a device at least that, e.g. --max-memory "
+                        f"{roomiest}={need}MiB")
+    no_split = [type(family.decoder_layers(model)[0]).__name__]
+    if kind == "balanced":  # it balances GPUs only, and cannot read a "disk" key (accelerate 1.15)
+        disk = {"disk": budgets.pop("disk")} if "disk" in budgets else {}
+        budgets = {**get_balanced_memory(model, budgets, no_split_module_classes=no_split), **disk}
+    with quiet_accelerate():
+        device_map = infer_auto_device_map(model, budgets, no_split_module_classes=no_split, offload_buffers=True)
+    if device_map.get("") == "disk":
+        largest = max((sizes[name] for name in _decoder_layers(model, family)))
+        raise RptqError(f"{where} leaves the whole model ({format_size(sizes[''])}) on disk: accelerate keeps room for "
+                        f"the largest layer ({format_size(largest)}) on the device that runs offloaded ones, and no "
+                        "module fits beside it; give the CPU or a GPU more room")
+    spilled = [name for name, device in device_map.items() if device == "disk"]
+    if spilled and "disk" not in (budgets if given else ()):
+        spilled_bytes = sum(sizes[name] for name in spilled)
+        raise RptqError(f"the model ({format_size(sizes[''])}) does not fit {where}: {format_size(spilled_bytes)} "
+                        f"({spilled[0]}{', …' if len(spilled) > 1 else ''}) has no device; give more room "
+                        "(--max-memory 0=…,cpu=…) or allow offloading it to a temporary folder (add disk=100GiB)")
+    return device_map
+
+
+def place_model(model: nn.Module, family: Family, device_map: str | dict, max_memory: dict | None = None, *,
+                offload_dir: str | None = None, spec: str = "", max_memory_spec: str | None = None) -> torch.device:
+    """Spread ``model`` (in memory, on the CPU) over devices with accelerate: ``device_map`` is ``auto``,
+    ``balanced`` (:func:`_infer_device_map` within ``max_memory``) or a module → device dict. Returns the main
+    device: where inputs go and where modules placed on ``cpu``/``disk`` run when a GPU is in the map.
+
+    Modules on ``disk`` are written to ``offload_dir`` and read back for each forward; with a GPU in the map,
+    those on ``cpu`` stay in CPU memory and are copied to the main device for each forward (accelerate's
+    semantics). A decoder layer is loaded whole before it runs (``preload_module_classes``): a packed layer's
+    quantizers are read by their parent modules, not called, so per-module loading would miss them. Buffers are
+    offloaded too (``offload_buffers``): a packed linear keeps its codes and scales in buffers.
+    """
+    from accelerate import dispatch_model
+    if isinstance(device_map, str):
+        device_map = _infer_device_map(model, family, device_map, max_memory, max_memory_spec)
+    else:
+        _check_device_map(model, family, device_map, spec)
+    main = main_device(device_map.values())
+    if "disk" in device_map.values() and offload_dir is None:
+        raise ValueError("modules placed on disk need an offload_dir")
+    with quiet_accelerate():
+        dispatch_model(model, device_map, main_device=main.index if main.type == "cuda" else "cpu",
+                       offload_dir=offload_dir, offload_buffers=True,
+                       preload_module_classes=[type(family.decoder_layers(model)[0]).__name__])
+    return main
+
+
+def describe_device_map(model: nn.Module, family: Family, device_map: dict) -> str:
+    """What each device holds: ``0: model.embed_tokens, layers 0-15 (6.30 GiB); cpu: layers 16-31, …``."""
+    from accelerate.utils import compute_module_sizes
+    sizes = compute_module_sizes(model)
+    layers = _decoder_layers(model, family)
+    held: dict = {}
+    for name, device in device_map.items():
+        held.setdefault(device, []).append(name)
+    parts = []
+    for device in sorted(held, key=lambda d: (not isinstance(d, int), str(d))):
+        names = held[device]
+        indexes = [i for i, layer in enumerate(layers) if layer in names or family.layers in names]
+        ranges = _ranges(indexes)
+        others = [n or "the whole model" for n in names if n not in layers and n != family.layers]
+        what = ", ".join(others + ([f"layers {ranges}"] if ranges else []))
+        parts.append(f"{device}: {what} ({format_size(sum(sizes[n] for n in names))})")
+    return "; ".join(parts)
+
+
+def _ranges(indexes: list[int]) -> str:
+    """[0, 1, 2, 5] → ``0-2, 5``."""
+    spans: list[list[int]] = []
+    for i in indexes:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def main_device(devices) -> torch.device:
+    """The device that runs a map over ``devices`` (GPU indexes, cpu, disk): its first GPU, else the CPU."""
+    gpus = sorted(d for d in devices if isinstance(d, int))
+    return torch.device("cuda", gpus[0]) if gpus else torch.device("cpu")
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s inputs go: the main device of a model placed by :func:`place_model` (its first modules may
+    live on disk, their parameters on the meta device), else the device of its parameters."""
+    hook = getattr(model, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def quiet_accelerate():
+    """accelerate logs a warning for every offloaded model and every budget it rounds; our messages say what
+    matters."""
+    import logging
+    logger = logging.getLogger("accelerate")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
