@@ -46,7 +46,6 @@ MODEL_CONFIG_DIR = CONFIG_DIR / "models"  #: offline config.json of big models (
 RUNTIME_BYTES = 400 * 2**20  #: python + torch + transformers + rptq after import (measured RSS: ~350 MiB)
 GROWTH_TOKENS = 256  #: nn/kv_cache.py PackedKVLayer.GROWTH_TOKENS (kept equal by a test)
 CLIP_SAMPLE_ROWS = 2048  #: quantize.py: token rows kept per activation point for the MSE clip search
-STAT_POINTS = ("x1", "q", "k", "v", "o_in", "x2", "down_in")
 GiB = 2**30
 
 
@@ -153,14 +152,14 @@ def model_shapes(raw: dict) -> Shapes:
     linears = tuple(Linear(path, point, m.in_features, m.out_features, m.bias is not None)
                     for path, point in family.linear_inputs() for m in [layer.get_submodule(path)])
     norms = tuple((path, layer.get_submodule(path).weight.shape[0], getattr(layer.get_submodule(path), "bias", None)
-                   is not None) for path in (family.attn_norm, family.mlp_norm))
+                   is not None) for _, path, _ in family.norm_points())
     prefix = family.layers + "."
     outside = {k: v.numel() for k, v in model.state_dict().items() if not k.startswith(prefix)}
     if getattr(hf_config, "tie_word_embeddings", False):
         outside.pop("lm_head.weight", None)
     embedding = sum(n for k, n in outside.items() if any(k.startswith(e + ".") for e in family.embeddings))
     half = sum(outside.get(name, 0) for name in half_state_names(model))
-    ffn = getattr(hf_config, "ffn_dim", None) or getattr(hf_config, "intermediate_size")
+    ffn = family.widths(hf_config)["ffn"]
     return Shapes(model_type=model_type, layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
                   intermediate=ffn, n_heads=heads.n_heads, n_kv=heads.n_kv, head_dim=heads.head_dim,
                   vocab=hf_config.vocab_size, rope=family.rope, linears=linears, norms=norms, outside=outside,
