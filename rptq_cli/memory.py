@@ -40,6 +40,7 @@ from pathlib import Path
 
 from .config import CONFIG_DIR, FP, QuantConfig
 from .errors import RptqError
+from .points import ACT_POINTS, POINTS, REORDERS, STAT_POINTS
 from .quant.pack import packed_row_bytes
 
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"  #: offline config.json of big models (``rptq memory llama-70b``)
@@ -183,13 +184,17 @@ class Groups:
     @classmethod
     def nominal(cls, shapes: Shapes, config: QuantConfig) -> "Groups":
         """The config's cluster counts clamped to the channels (cli._fit_clusters), as quantize asks KMeans."""
+        points = [POINTS[name] for name in STAT_POINTS]
         if not config.reorder:  # one cluster per point; per query head when there is one KV head
             per_query = shapes.n_heads if shapes.n_kv == 1 else 1
-            return cls(1, per_query, 1, 1, per_query, 1, 1)
-        c, d = config.clusters, shapes.head_dim
-        r2, r3 = min(c["R2"], d), min(c["R3"], d)
-        return cls(x1=min(c["R1"], shapes.hidden), q=shapes.n_heads * r2, k=shapes.n_kv * r2, v=shapes.n_kv * r3,
-                   o_in=shapes.n_heads * r3, x2=min(c["R4"], shapes.hidden), down_in=min(c["R5"], shapes.intermediate))
+            return cls(**{p.name: per_query if p.width == "query" else 1 for p in points})
+        widths = {"hidden": shapes.hidden, "ffn": shapes.intermediate}
+        heads = {"query": shapes.n_heads, "kv": shapes.n_kv}
+        counts = {}
+        for p in points:
+            asked, per_head = config.clusters[p.reorder], REORDERS[p.reorder].per_head
+            counts[p.name] = heads[p.width] * min(asked, shapes.head_dim) if per_head else min(asked, widths[p.width])
+        return cls(**counts)
 
 
 def weight_groups(k: int, spec, act_groups: int) -> int:
@@ -229,7 +234,8 @@ def layer_bytes(shapes: Shapes, config: QuantConfig, groups: Groups) -> dict[str
         out["act params"] += act_param_bytes(config, lin.point, act_g)
     for _, c, bias in shapes.norms:
         out["norms"] += c * (2 + 4 + 2 * bias)
-    out["qk params"] += sum(act_param_bytes(config, p, getattr(groups, p)) for p in ("q", "k", "v"))
+    out["qk params"] += sum(act_param_bytes(config, p.name, getattr(groups, p.name))
+                            for p in ACT_POINTS if p.observed and p.in_attention)
     out["qk params"] += shapes.n_kv * shapes.head_dim * 4 * shapes.rope
     return out
 
