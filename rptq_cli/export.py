@@ -592,8 +592,6 @@ def _provenance(directory: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-
-
 def _check_layer_groups(layer: nn.Module, prefix: str, family: Family, config: QuantConfig) -> None:
     """Weight groups agree with what the config records and with every other tensor reading the same input."""
     from .quant.weights import weight_group_sizes
