@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from rptq_cli.calibrate import LayerRunner, collect_stats, StatsFile
+from rptq_cli.calibrate import LayerRunner, collect_stats
+from rptq_cli.stats_file import StatsFile
 from rptq_cli.config import build_config
 from rptq_cli.data import calibration_windows, eval_tokens
 from rptq_cli.evaluate import perplexity

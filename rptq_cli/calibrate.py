@@ -7,27 +7,16 @@ the already-processed previous layer, so quantization errors propagate as they w
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
 from .errors import RptqError
 from .models.base import Family
 from .nn.attention import AttentionQuant, use_rptq_attention
-from .outputs import atomic_write
-
-STATS_FORMAT = "rptq-stats"
-STATS_VERSION = "1"
-# Points whose per-channel ranges are recorded (config.ACT_POINTS minus the softmax, which has a fixed grid).
-STAT_POINTS = ("x1", "q", "k", "v", "o_in", "x2", "down_in")
+from .points import ACT_POINTS, STAT_POINTS
+from .stats_file import LayerStats
 
 
 class ChannelObserver:
@@ -69,9 +58,9 @@ def observe_layer(layer: nn.Module, family: Family, keep_rows: int = 0, seed: in
     def input_hook(point):
         return lambda module, args: observers[point].update(args[0])
 
-    hooks = [layer.get_submodule(path).register_forward_pre_hook(input_hook(point))
-             for point, path in (("x1", family.q), ("o_in", family.o), ("x2", family.mlp_in[0]),
-                                 ("down_in", family.mlp_out))]
+    # a point read by linears is observed at the first one's input; q, k, v inside the attention function
+    hooks = [layer.get_submodule(family.paths(*p.consumers)[0]).register_forward_pre_hook(input_hook(p.name))
+             for p in ACT_POINTS if p.observed and not p.in_attention]
     attn.rptq.observer = lambda name, x: observers[name].update(x)
     try:
         yield observers
@@ -192,9 +181,6 @@ class LayerRunner:
         return outputs
 
 
-LayerStats = dict[str, tuple[torch.Tensor, torch.Tensor]]  # point -> (per-channel min, per-channel max)
-
-
 def collect_stats(runner: LayerRunner, progress: bool = True) -> list[LayerStats]:
     """Per-channel (min, max) at every point of every layer, propagating FP outputs layer to layer."""
     stats, hidden = [], runner.inputs
@@ -206,65 +192,3 @@ def collect_stats(runner: LayerRunner, progress: bool = True) -> list[LayerStats
         runner.release(i)
         stats.append({p: (o.lo, o.hi) for p, o in observers.items()})
     return stats
-
-
-# ---------------------------------------------------------------- stats file
-
-
-@dataclass
-class StatsFile:
-    layers: list[LayerStats]
-    meta: dict = field(default_factory=dict)  # model, model_type, data provenance, tool version
-
-    def save(self, path: str | os.PathLike) -> None:
-        tensors = {f"layers.{i}.{p}.{which}": t.float().contiguous()
-                   for i, layer in enumerate(self.layers) for p, (lo, hi) in layer.items()
-                   for which, t in (("min", lo), ("max", hi))}
-        metadata = {"format": STATS_FORMAT, "version": STATS_VERSION, "meta": json.dumps(self.meta, sort_keys=True)}
-        atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "StatsFile":
-        path = Path(path)
-        if not path.is_file():
-            raise RptqError(f"stats file {path} does not exist; create it with `rptq calibrate MODEL -o {path}`")
-        try:
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-                if metadata.get("format") != STATS_FORMAT:
-                    raise RptqError(f"{path} is not an rptq stats file; create one with `rptq calibrate`")
-                if metadata.get("version") != STATS_VERSION:
-                    raise RptqError(f"{path} is a stats file of format version {metadata.get('version')}, "
-                                    f"this rptq reads version {STATS_VERSION}; re-run `rptq calibrate`")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except RptqError:
-            raise
-        except Exception as exc:  # truncated or foreign file
-            raise RptqError(f"cannot read stats file {path} ({exc}); re-run `rptq calibrate`") from None
-        n_layers = 1 + max(int(k.split(".")[1]) for k in tensors)
-        layers = [{p: (tensors[f"layers.{i}.{p}.min"], tensors[f"layers.{i}.{p}.max"]) for p in STAT_POINTS}
-                  for i in range(n_layers)]
-        return cls(layers, json.loads(metadata.get("meta", "{}")))
-
-    def check_model(self, config, family: Family, path: str) -> None:
-        """Refuse stats recorded on another model: every point must have this model's channel count."""
-        n_heads, n_kv, head_dim = family.heads(config)
-        ffn = getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", None)
-        widths = {"x1": config.hidden_size, "q": n_heads * head_dim, "k": n_kv * head_dim, "v": n_kv * head_dim,
-                  "o_in": n_heads * head_dim, "x2": config.hidden_size, "down_in": ffn}
-        found = [{p: lo.numel() for p, (lo, _) in layer.items()} for layer in self.layers]
-        if len(found) != config.num_hidden_layers or any(f != widths for f in found):
-            raise RptqError(f"stats file {path} was recorded on {self.meta.get('model', 'another model')}, whose "
-                            f"layers differ from this model's; re-run `rptq calibrate` for this model")
-
-
-def stats_metadata(model_name: str, config, provenance: dict) -> dict:
-    return {"model": model_name, "model_type": config.model_type, "data": provenance, "tool_version": __version__}
-
-
-def is_stats_file(path: Path) -> bool:
-    """Whether ``path`` is a stats file rptq wrote (the only kind of file `calibrate --force` replaces)."""
-    with contextlib.suppress(Exception):  # anything unreadable is not ours
-        with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("format") == STATS_FORMAT
-    return False

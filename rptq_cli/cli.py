@@ -16,6 +16,7 @@ import click
 from . import __version__
 from .config import MODES
 from .errors import RptqError
+from .points import REORDER_POINT_NAMES
 
 CALIB_DEFAULTS = {"nsamples": 128, "seed": 2}
 MIN_CALIB_SEQLEN = 16  # shorter windows calibrate on little more than the first tokens' outliers
@@ -335,7 +336,8 @@ def main():
 @_run
 def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_size, device, dtype, output, force):
     """Record per-channel (min, max) at every reorder point, one layer at a time."""
-    from .calibrate import LayerRunner, StatsFile, collect_stats, is_stats_file, stats_metadata
+    from .calibrate import LayerRunner, collect_stats
+    from .stats_file import StatsFile, is_stats_file, stats_metadata
     from .loading import open_model, resolve_device, resolve_dtype
     _prepare_output(output, force, is_ours=is_stats_file, kind="stats file", directory=False, sources=(model,))
     device = resolve_device(device)
@@ -458,7 +460,7 @@ def _record_evaluation(checkpoint: str, results: dict, data: dict, dtype: torch.
 
 
 def _write_json(path: str, payload: dict) -> None:
-    from .outputs import atomic_write
+    from .atomic import atomic_write
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2) + "\n"))
 
 
@@ -479,7 +481,7 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
                         seed, batch_size, device, writer=None, resume=None, fingerprint=None) -> dict:
     """``net``: a model in memory or a StreamedModel; ``writer``: packs each layer when done (export.py);
     ``resume``: a ResumableRun (resume.py), given ``fingerprint(tokens, provenance)`` of this run's inputs."""
-    from .calibrate import StatsFile
+    from .stats_file import StatsFile
     from .quantize import quantize_model
     net_config = getattr(net, "model", net).config
     stats = None
@@ -500,16 +502,13 @@ def _quantize_in_memory(net, family, tokenizer, config, stats_path, calib_datase
 
 def _fit_clusters(config, model_config, family) -> None:
     """Clamp a cluster count above its point's channels (per head for R2/R3), say so once, record what is used."""
-    from .models.base import head_layout
+    from .points import REORDERS
     if not config.reorder:
         return
-    heads = head_layout(family, model_config)
-    ffn = getattr(model_config, "ffn_dim", None) or getattr(model_config, "intermediate_size", None)
-    channels = {"R1": model_config.hidden_size, "R2": heads.head_dim, "R3": heads.head_dim,
-                "R4": model_config.hidden_size, "R5": ffn}
+    channels = family.cluster_channels(model_config)
     for point, asked in sorted(config.clusters.items()):
         if channels.get(point) and asked > channels[point]:
-            per_head = " per head" if point in ("R2", "R3") else ""
+            per_head = " per head" if REORDERS[point].per_head else ""
             click.echo(f"note: --clusters {point}={asked} exceeds the {channels[point]} channels{per_head} of {point}; "
                        f"using {channels[point]} (recorded as such)", err=True)
             config.clusters[point] = channels[point]
@@ -741,7 +740,7 @@ def _is_inspect_json(path: Path) -> bool:
 @main.command()
 @click.argument("source", metavar="MODEL_OR_STATS")
 @click.option("--layer", required=True, type=int, help="Decoder layer (0-based).")
-@click.option("--point", default="R1", show_default=True, type=click.Choice(["R1", "R2", "R3", "R4", "R5"]),
+@click.option("--point", default="R1", show_default=True, type=click.Choice(list(REORDER_POINT_NAMES)),
               help="Reorder point (R2 shows K, R3 shows V).")
 @click.option("--clusters", "n_clusters", type=click.IntRange(1), default=None,
               help="Clusters at this point (per head for R2/R3) [as `rptq quantize`: 32, or 4 per head].")
@@ -757,7 +756,7 @@ def inspect(source, layer, point, n_clusters, output, json_path, force, calib_da
     """Draw each channel's calibrated (min, max) at one reorder point, coloured by cluster, before and after the
     reorder (the paper's Figure 1). MODEL_OR_STATS: a stats file from `rptq calibrate`, or a model (calibrated
     here)."""
-    from .calibrate import StatsFile, is_stats_file
+    from .stats_file import StatsFile, is_stats_file
     from .inspect_ranges import inspect_layer
     if output is None and json_path is None:
         raise RptqError("nothing to write: give -o ranges.png and/or --json ranges.json")

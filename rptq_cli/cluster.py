@@ -54,14 +54,9 @@ def invert_perm(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def identity_clustering(channels: int, n_heads: int = 1) -> Clustering:
-    """No reorder: one cluster per head (per-tensor, or per-head, quantization)."""
-    head_dim = _head_dim(channels, n_heads)
-    return Clustering(
-        perm=torch.arange(channels, dtype=torch.int64),
-        cluster_sizes=torch.full((n_heads,), head_dim, dtype=torch.int32),
-        groups_per_head=[1] * n_heads,
-    )
+def single_cluster(channels: int) -> Clustering:
+    """No reorder: the whole tensor is one group (the per-tensor baseline, ``--no-reorder``)."""
+    return Clustering(torch.arange(channels), torch.tensor([channels], dtype=torch.int32), [1])
 
 
 def cluster_channels(features: torch.Tensor, n_clusters: int, n_heads: int = 1, seed: int = 0) -> Clustering:

@@ -1,16 +1,7 @@
 """What to quantize and how: one dataclass, loadable from the presets in ``rptq_cli/configs/``.
 
-Activation points of one decoder layer (DESIGN §2), named by the tensor that is quantized:
-
-| point     | tensor                                   | clusters (reorder point) |
-|-----------|------------------------------------------|--------------------------|
-| `x1`      | attention-norm output (q/k/v input)       | R1, global               |
-| `q`, `k`  | queries and keys (keys = the KV cache)    | R2, per KV head          |
-| `v`       | values (the KV cache)                     | R3, per KV head          |
-| `p`       | softmax output, on a fixed [0, 1] grid    | none                     |
-| `o_in`    | out_proj input (attention output)         | R3, per KV head          |
-| `x2`      | FFN-norm output (fc1 / gate+up input)     | R4, global               |
-| `down_in` | fc2 / down_proj input                     | R5, global               |
+The activation points it gives bits to, and the reorder points it gives cluster counts to, are described in
+``points.py`` (DESIGN §2).
 """
 from __future__ import annotations
 
@@ -21,12 +12,11 @@ from pathlib import Path
 import yaml
 
 from .errors import RptqError
+from .points import ACT_POINTS, POINTS, REORDER_POINT_NAMES, REORDER_POINTS
 
 #: the presets (NAME.yaml) and big models' config.json (models/NAME/), shipped as package data (setup.py)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-ACT_POINTS = ("x1", "q", "k", "v", "p", "o_in", "x2", "down_in")
-REORDER_POINTS = ("R1", "R2", "R3", "R4", "R5")
-DEFAULT_CLUSTERS = {"R1": 32, "R2": 4, "R3": 4, "R4": 32, "R5": 32}
+DEFAULT_CLUSTERS = {r.name: r.default_clusters for r in REORDER_POINTS}
 WBITS = (2, 3, 4, 8, 16)
 ABITS = (3, 4, 8, 16)
 FP = 16  # "bits" of a tensor that stays in floating point
@@ -36,7 +26,8 @@ MODES = {
     "token": "paper's bits, but linear inputs and queries get per-token scales per cluster at run time "
              "and the softmax output stays in floating point; the KV cache keeps static per-cluster ranges",
 }
-TOKEN_POINTS = ("x1", "q", "o_in", "x2", "down_in")  # per-token scales in mode "token": not stored in the cache
+# per-token scales in mode "token": every calibrated point but K and V, whose scales the cache stores
+TOKEN_POINTS = tuple(p.name for p in ACT_POINTS if p.observed and not p.kv_cache)
 
 
 @dataclass
@@ -72,7 +63,7 @@ class QuantConfig:
             self.weight_groups = groups = int(groups)
         if not (groups in ("cluster", "channel") or (isinstance(groups, int) and groups > 0)):
             raise RptqError(f"--weight-groups {groups!r} is invalid; use cluster, channel or a positive group size")
-        unknown = set(self.clusters) - set(REORDER_POINTS)
+        unknown = set(self.clusters) - set(REORDER_POINT_NAMES)
         if unknown:
             raise RptqError(f"--clusters names unknown points {sorted(unknown)}; use R1..R5")
         for point, n in self.clusters.items():
@@ -82,14 +73,15 @@ class QuantConfig:
 
     def act_bits(self, point: str) -> int:
         """Bits of activation point ``point`` (16 = not quantized), DESIGN §2's table."""
-        a = self.abits
+        a, spec = self.abits, POINTS[point]
         if a >= FP:
             return FP
         if self.kv_only:
-            return a if point in ("k", "v") else FP
-        if self.mode == "token" and point == "p":
+            return a if spec.kv_cache else FP
+        softmax = not spec.observed
+        if self.mode == "token" and softmax:
             return FP  # a fixed 8-bit grid zeroes every probability below 1/510: most of a long context
-        if self.mode != "strict" and point in ("x1", "x2", "p"):
+        if self.mode != "strict" and (spec.norm is not None or softmax):  # norm outputs and the softmax
             return max(8, a)
         return a
 
@@ -103,7 +95,7 @@ class QuantConfig:
 
     @property
     def quantizes_acts(self) -> bool:
-        return any(self.act_bits(p) < FP for p in ACT_POINTS)
+        return any(self.act_bits(p.name) < FP for p in ACT_POINTS)
 
     @property
     def label(self) -> str:

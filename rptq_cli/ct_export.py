@@ -142,7 +142,7 @@ def export_compressed_tensors(checkpoint: str | os.PathLike, output: str | os.Pa
     for i, layer in enumerate(family.decoder_layers(model)):
         prefix = f"{family.layers}.{i}."
         inverse = {}
-        for point, norm_path in (("x1", family.attn_norm), ("x2", family.mlp_norm)):
+        for point, norm_path, _ in family.norm_points():
             norm: ReorderNorm = layer.get_submodule(norm_path)
             inverse[point] = torch.argsort(norm.perm)
             # stock norm: gamma[perm] was stored, so gamma = stored[argsort(perm)]

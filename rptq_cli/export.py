@@ -53,6 +53,7 @@ from .nn.head import half_state_names, keep_head_in_half
 from .nn.linear import QuantLinear
 from .nn.norm import ReorderNorm
 from .nn.quantizers import ActQuant
+from .points import POINTS, REORDERS
 from .quant.pack import pack_zeros, packed_row_bytes, unpack_zeros
 from .strict import FILE_TAG, QUANT_METHOD, quant_method, require_not_foreign_checkpoint, require_tokenizer
 
@@ -555,7 +556,7 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
             replace(layer, path, _load_linear(tensors, prefix + path, layer.get_submodule(path), config, point,
                                               dtype))
         _check_layer_groups(layer, prefix, family, config)
-        for path in (family.attn_norm, family.mlp_norm):
+        for _, path, _ in family.norm_points():
             norm = layer.get_submodule(path)
             replace(layer, path, _load_norm(tensors, prefix + path, norm, rms, norm_eps(norm), dtype))
         a = prefix + family.attn + ".rptq"
@@ -563,12 +564,12 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
                    if family.rope else None)
         if qk_perm is not None:
             check_permutation(f"{a}.qk_perm", qk_perm)
-        q_ch, kv_ch = heads.n_heads * heads.head_dim, heads.n_kv * heads.head_dim
+        widths = family.point_channels(hf_config)
         layer.get_submodule(family.attn).rptq = AttentionQuant(
-            qk_perm=qk_perm, q=tensors.act(f"{a}.q", q_ch, config, "q"),
-            k=tensors.act(f"{a}.k", kv_ch, config, "k"), v=tensors.act(f"{a}.v", kv_ch, config, "v"),
-            p_bits=config.act_bits("p"))
-    _load_remaining(model, tensors, dtype, directory)
+            qk_perm=qk_perm, q=tensors.act(f"{a}.q", widths["q"], config, "q"),
+            k=tensors.act(f"{a}.k", widths["k"], config, "k"), v=tensors.act(f"{a}.v", widths["v"], config, "v"),
+            p_bits=config.act_bits("p"), window=family.sliding_window(hf_config, i))
+    _load_remaining(model, family, tensors, dtype, directory)
     use_rptq_attention(model)
     model.eval()
     try:
@@ -591,10 +592,6 @@ def _provenance(directory: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-# global reorder points: their linears' weight groups are that point's clusters (at most that many)
-GLOBAL_POINT_CLUSTERS = {"x1": "R1", "x2": "R4", "down_in": "R5"}
-
-
 def _check_layer_groups(layer: nn.Module, prefix: str, family: Family, config: QuantConfig) -> None:
     """Weight groups agree with what the config records and with every other tensor reading the same input."""
     from .quant.weights import weight_group_sizes
@@ -608,8 +605,9 @@ def _check_layer_groups(layer: nn.Module, prefix: str, family: Family, config: Q
             check_same_groups(name, sizes, f"--weight-groups {config.weight_groups}",
                               weight_group_sizes(linear.in_features, config.weight_groups))
             continue
-        if point in GLOBAL_POINT_CLUSTERS:
-            max_groups = config.clusters[GLOBAL_POINT_CLUSTERS[point]] if config.reorder else 1
+        reorder = REORDERS[POINTS[point].reorder]
+        if not reorder.per_head:  # a global point's linears have that point's clusters as groups, at most that many
+            max_groups = config.clusters[reorder.name] if config.reorder else 1
             check_group_sizes(name, sizes, linear.in_features, max_groups)
         if linear.act is not None:
             check_same_groups(name, sizes, f"{prefix}{path}.act.group_sizes", linear.act.group_sizes)
@@ -617,8 +615,9 @@ def _check_layer_groups(layer: nn.Module, prefix: str, family: Family, config: Q
         check_same_groups(name, sizes, *reference)
 
 
-def _load_remaining(model: nn.Module, tensors: _Tensors, dtype, directory: Path) -> None:
-    """Embeddings, final norm, lm_head and the like; then recreate non-persistent buffers (RoPE)."""
+def _load_remaining(model: nn.Module, family: Family, tensors: _Tensors, dtype, directory: Path) -> None:
+    """Embeddings, final norm, lm_head and the like; then rebuild the family's computed modules (RoPE)."""
+    from .models.base import replace
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if v.device.type == "meta"}
     tied = getattr(model.config, "tie_word_embeddings", False)
     half = half_state_names(model)  # stay float16: nn/head.py
@@ -638,11 +637,8 @@ def _load_remaining(model: nn.Module, tensors: _Tensors, dtype, directory: Path)
         extra = ", ".join(sorted(tensors.remaining)[:3])
         raise RptqError(f"checkpoint {directory} holds tensors this model does not use ({extra}, ...); it belongs "
                         "to another model or format")
-    for name, module in model.named_modules():
-        if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
-            rebuilt = type(module)(config=model.config)  # RoPE: inv_freq is computed, not stored
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, rebuilt)
+    for path in family.computed_modules:  # RoPE: inv_freq is computed from the config, not stored
+        replace(model, path, type(model.get_submodule(path))(config=model.config))
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise RptqError(f"checkpoint {directory} is missing {leftover[0]}; it is incomplete, re-run `rptq quantize`")

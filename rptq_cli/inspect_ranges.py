@@ -15,25 +15,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .calibrate import LayerRunner, LayerStats, StatsFile, observe_layer
+from .atomic import atomic_write
+from .calibrate import LayerRunner, observe_layer
 from .cluster import Clustering
 from .config import DEFAULT_CLUSTERS, build_config
 from .errors import RptqError
 from .loading import load_config, open_model, resolve_device, resolve_dtype
 from .models.base import HeadLayout, family_for, head_layout
-from .outputs import atomic_write
+from .points import POINTS, REORDERS, ReorderPoint, shown_point
 from .quant.grid import group_min_max
 from .reorder import plan_layer
+from .stats_file import LayerStats, StatsFile
 
-# reorder point → (statistic shown, what it is). R2 is clustered on Q and K jointly, R3 on V and the out_proj
-# input; the figure shows K and V, whose groups are the KV cache's quantization groups.
-POINTS = {
-    "R1": ("x1", "attention-norm output (q/k/v input)"),
-    "R2": ("k", "keys (clustered jointly with the queries)"),
-    "R3": ("v", "values (clustered jointly with the out_proj input)"),
-    "R4": ("x2", "FFN-norm output (fc1 / gate+up input)"),
-    "R5": ("down_in", "fc2 / down_proj input"),
-}
+
+def _description(reorder: ReorderPoint) -> str:
+    """What the figure of ``reorder`` shows, e.g. "keys (clustered jointly with the queries)"."""
+    shown = shown_point(reorder)
+    others = [POINTS[f].tensor for f in reorder.features if f != shown]
+    return POINTS[shown].tensor + (f" (clustered jointly with the {' and '.join(others)})" if others else "")
 
 
 @dataclass
@@ -84,15 +83,14 @@ def collect_layer_stats(runner: LayerRunner, layer: int, progress: bool = True) 
 def point_ranges(stats: LayerStats, heads: HeadLayout, point: str, n_clusters: int | None = None,
                  seed: int = 2) -> PointRanges:
     """Cluster one layer's statistics as `rptq quantize` does and keep ``point``'s channels and clustering."""
-    if point not in POINTS:
-        raise RptqError(f"--point {point} is unknown; use one of {', '.join(POINTS)}")
+    if point not in REORDERS:
+        raise RptqError(f"--point {point} is unknown; use one of {', '.join(REORDERS)}")
     clusters = dict(DEFAULT_CLUSTERS)
     if n_clusters is not None:
         clusters[point] = n_clusters
     plan = plan_layer(stats, heads, build_config(clusters=clusters), seed=seed)
-    lo, hi = stats[POINTS[point][0]]
-    return PointRanges(point, lo.float(), hi.float(), getattr(plan, point.lower()),
-                       heads.n_kv if point in ("R2", "R3") else 1)
+    lo, hi = stats[shown_point(REORDERS[point])]
+    return PointRanges(point, lo.float(), hi.float(), plan[point], heads.n_kv if REORDERS[point].per_head else 1)
 
 
 MAX_LOST_BITS = 16.0  # a constant (e.g. dead ReLU) channel would lose infinitely many; count it as this many
@@ -131,7 +129,7 @@ def summary(r: PointRanges) -> dict:
     waste, lost = _unused(own, _span(glo, ghi)[labels])  # each channel on its cluster's grid
     tensor_waste, tensor_lost = _unused(own, tensor)
     return {
-        "point": r.point, "tensor": POINTS[r.point][0], "description": POINTS[r.point][1],
+        "point": r.point, "tensor": shown_point(REORDERS[r.point]), "description": _description(REORDERS[r.point]),
         "channels": r.lo.numel(), "heads": r.n_heads, "n_clusters": len(clusters),
         "range_ratio_max_median": float(width.max()) / median if median > 0 else math.inf,
         "per_tensor_range": [float(r.lo.min()), float(r.hi.max())],
@@ -248,7 +246,7 @@ def _heads_of_stats(stats: StatsFile, point: str) -> HeadLayout:
     if config is not None:
         return head_layout(family_for(config), config)
     q, k = stats.layers[0]["q"][0].numel(), stats.layers[0]["k"][0].numel()
-    if point in ("R2", "R3") or q != k:
+    if REORDERS[point].per_head or q != k:
         raise RptqError(f"the head layout of {name or 'the model'} the stats were recorded on is unknown here; "
                         "pass the model directory instead of the stats file")
     return HeadLayout(1, 1, q)  # R1/R4/R5 do not depend on heads; the R2/R3 clusters are then discarded
@@ -281,5 +279,5 @@ def inspect_layer(source: str, stats_file: StatsFile | None, layer: int, point: 
     s = {"source": source, "model": model, "layer": layer, "calibration": provenance, "seed": seed,
          **summary(r), "min": r.lo.tolist(), "max": r.hi.tolist(), "perm": r.clustering.perm.tolist()}
     if png is not None:
-        render(r, s, png, f"{Path(str(model)).name}  layer {layer}  {point}: {POINTS[point][1]}")
+        render(r, s, png, f"{Path(str(model)).name}  layer {layer}  {point}: {_description(REORDERS[point])}")
     return s, summary_text(s)

@@ -40,13 +40,13 @@ from pathlib import Path
 
 from .config import CONFIG_DIR, FP, QuantConfig
 from .errors import RptqError
+from .points import ACT_POINTS, POINTS, REORDERS, STAT_POINTS
 from .quant.pack import packed_row_bytes
 
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"  #: offline config.json of big models (``rptq memory llama-70b``)
 RUNTIME_BYTES = 400 * 2**20  #: python + torch + transformers + rptq after import (measured RSS: ~350 MiB)
 GROWTH_TOKENS = 256  #: nn/kv_cache.py PackedKVLayer.GROWTH_TOKENS (kept equal by a test)
 CLIP_SAMPLE_ROWS = 2048  #: quantize.py: token rows kept per activation point for the MSE clip search
-STAT_POINTS = ("x1", "q", "k", "v", "o_in", "x2", "down_in")
 GiB = 2**30
 
 
@@ -153,14 +153,14 @@ def model_shapes(raw: dict) -> Shapes:
     linears = tuple(Linear(path, point, m.in_features, m.out_features, m.bias is not None)
                     for path, point in family.linear_inputs() for m in [layer.get_submodule(path)])
     norms = tuple((path, layer.get_submodule(path).weight.shape[0], getattr(layer.get_submodule(path), "bias", None)
-                   is not None) for path in (family.attn_norm, family.mlp_norm))
+                   is not None) for _, path, _ in family.norm_points())
     prefix = family.layers + "."
     outside = {k: v.numel() for k, v in model.state_dict().items() if not k.startswith(prefix)}
     if getattr(hf_config, "tie_word_embeddings", False):
         outside.pop("lm_head.weight", None)
     embedding = sum(n for k, n in outside.items() if any(k.startswith(e + ".") for e in family.embeddings))
     half = sum(outside.get(name, 0) for name in half_state_names(model))
-    ffn = getattr(hf_config, "ffn_dim", None) or getattr(hf_config, "intermediate_size")
+    ffn = family.widths(hf_config)["ffn"]
     return Shapes(model_type=model_type, layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
                   intermediate=ffn, n_heads=heads.n_heads, n_kv=heads.n_kv, head_dim=heads.head_dim,
                   vocab=hf_config.vocab_size, rope=family.rope, linears=linears, norms=norms, outside=outside,
@@ -184,13 +184,17 @@ class Groups:
     @classmethod
     def nominal(cls, shapes: Shapes, config: QuantConfig) -> "Groups":
         """The config's cluster counts clamped to the channels (cli._fit_clusters), as quantize asks KMeans."""
+        points = [POINTS[name] for name in STAT_POINTS]
         if not config.reorder:  # one cluster per point; per query head when there is one KV head
             per_query = shapes.n_heads if shapes.n_kv == 1 else 1
-            return cls(1, per_query, 1, 1, per_query, 1, 1)
-        c, d = config.clusters, shapes.head_dim
-        r2, r3 = min(c["R2"], d), min(c["R3"], d)
-        return cls(x1=min(c["R1"], shapes.hidden), q=shapes.n_heads * r2, k=shapes.n_kv * r2, v=shapes.n_kv * r3,
-                   o_in=shapes.n_heads * r3, x2=min(c["R4"], shapes.hidden), down_in=min(c["R5"], shapes.intermediate))
+            return cls(**{p.name: per_query if p.width == "query" else 1 for p in points})
+        widths = {"hidden": shapes.hidden, "ffn": shapes.intermediate}
+        heads = {"query": shapes.n_heads, "kv": shapes.n_kv}
+        counts = {}
+        for p in points:
+            asked, per_head = config.clusters[p.reorder], REORDERS[p.reorder].per_head
+            counts[p.name] = heads[p.width] * min(asked, shapes.head_dim) if per_head else min(asked, widths[p.width])
+        return cls(**counts)
 
 
 def weight_groups(k: int, spec, act_groups: int) -> int:
@@ -230,7 +234,8 @@ def layer_bytes(shapes: Shapes, config: QuantConfig, groups: Groups) -> dict[str
         out["act params"] += act_param_bytes(config, lin.point, act_g)
     for _, c, bias in shapes.norms:
         out["norms"] += c * (2 + 4 + 2 * bias)
-    out["qk params"] += sum(act_param_bytes(config, p, getattr(groups, p)) for p in ("q", "k", "v"))
+    out["qk params"] += sum(act_param_bytes(config, p.name, getattr(groups, p.name))
+                            for p in ACT_POINTS if p.observed and p.in_attention)
     out["qk params"] += shapes.n_kv * shapes.head_dim * 4 * shapes.rope
     return out
 

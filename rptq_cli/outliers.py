@@ -19,8 +19,7 @@ def inject_outliers(model: nn.Module, family: Family, *, channels: int = 4, low:
     """Scale ``channels`` random channels of every R1/R4 norm by a factor in [low, high], in place."""
     gen = torch.Generator().manual_seed(seed)
     for layer in family.decoder_layers(model):
-        for norm_path, consumers in ((family.attn_norm, (family.q, family.k, family.v)),
-                                     (family.mlp_norm, family.mlp_in)):
+        for _, norm_path, consumers in family.norm_points():
             norm = layer.get_submodule(norm_path)
             width = norm.weight.numel()
             idx = torch.randperm(width, generator=gen)[:min(channels, width)]

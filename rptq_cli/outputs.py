@@ -184,16 +184,3 @@ def signals_deferred():
             signal.signal(signum, handler)
         for signum in dict.fromkeys(received):
             signal.raise_signal(signum)
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary sibling, then rename it over ``path``: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_file(path)
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import STAT_POINTS, ChannelObserver, LayerRunner, LayerStats, StatsFile, observe_layer
+from .calibrate import ChannelObserver, LayerRunner, observe_layer
 from .config import FP, QuantConfig
-from .models.base import Family, HeadLayout, head_layout, replace
+from .models.base import Family, head_layout, replace
 from .nn.attention import AttentionQuant
 from .nn.linear import QuantLinear
 from .nn.quantizers import ActQuant
@@ -26,7 +26,9 @@ from .quant.clip import search_clip, search_token_clip
 from .quant.gptq import GPTQ
 from .quant.grid import group_min_max
 from .quant.weights import rtn_quantize, weight_group_sizes
-from .reorder import LayerPlan, fold_layer, plan_layer
+from .points import STAT_POINTS
+from .reorder import fold_layer, plan_layer
+from .stats_file import LayerStats, StatsFile
 
 CLIP_SAMPLE_ROWS = 2048  # token rows kept per activation point for the clipping search
 
@@ -55,24 +57,6 @@ class _Phases:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-
-
-@dataclass(frozen=True)
-class PointGroups:
-    """Activation group sizes (after the reorder) at every point of one layer."""
-    x1: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o_in: torch.Tensor
-    x2: torch.Tensor
-    down_in: torch.Tensor
-
-    @classmethod
-    def from_plan(cls, plan: LayerPlan, heads: HeadLayout) -> "PointGroups":
-        return cls(x1=plan.r1.cluster_sizes, q=heads.query_group_sizes(plan.r2), k=plan.r2.cluster_sizes,
-                   v=plan.r3.cluster_sizes, o_in=heads.query_group_sizes(plan.r3), x2=plan.r4.cluster_sizes,
-                   down_in=plan.r5.cluster_sizes)
 
 
 def act_quantizer(observer: ChannelObserver, groups: torch.Tensor, bits: int, clip: str,
@@ -113,7 +97,7 @@ def collect_hessians(layer: nn.Module, paths_by_input: list[tuple[str, ...]]):
             solvers[path].H, solvers[path].nsamples = shared.H.clone(), shared.nsamples
 
 
-def quantize_layer_weights(layer: nn.Module, family: Family, config: QuantConfig, groups: PointGroups,
+def quantize_layer_weights(layer: nn.Module, family: Family, config: QuantConfig, groups: dict[str, torch.Tensor],
                            acts: dict[str, ActQuant | None], solvers: dict[str, GPTQ], report: QuantReport,
                            layer_index: int) -> None:
     """Replace every linear of the layer by a QuantLinear with quantized weight and input quantizer."""
@@ -121,7 +105,7 @@ def quantize_layer_weights(layer: nn.Module, family: Family, config: QuantConfig
         linear = layer.get_submodule(path)
         quantized = None
         if config.quantizes_weights:
-            gs = weight_group_sizes(linear.in_features, config.weight_groups, getattr(groups, point))
+            gs = weight_group_sizes(linear.in_features, config.weight_groups, groups[point])
             if config.weight_quantizer == "gptq":
                 quantized = solvers[path].quantize(gs, config.wbits, config.blocksize, config.percdamp)
                 report.gptq_loss[f"{layer_index}.{path}"] = solvers[path].loss
@@ -175,14 +159,14 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
             with phase("cluster"):
                 plan = plan_layer(layer_stats, heads, config, seed=seed)
                 fold_layer(layer, family, heads, plan)
-                groups = PointGroups.from_plan(plan, heads)
+                groups = plan.group_sizes(heads)
 
             with phase("calibrate"):
-                shared_inputs = [(family.q, family.k, family.v), (family.o,), family.mlp_in, (family.mlp_out,)]
                 with observe_layer(layer, family, keep_rows=keep_rows, seed=seed) as observers, \
-                        (collect_hessians(layer, shared_inputs) if gptq else contextlib.nullcontext({})) as solvers:
+                        (collect_hessians(layer, family.input_groups()) if gptq
+                         else contextlib.nullcontext({})) as solvers:
                     runner.forward(layer, hidden, desc=f"{tag} calibrate" if tag else "")
-                acts = {p: act_quantizer(observers[p], getattr(groups, p), config.act_bits(p), config.act_clip,
+                acts = {p: act_quantizer(observers[p], groups[p], config.act_bits(p), config.act_clip,
                                          config.per_token(p))
                         for p in STAT_POINTS}
                 del observers  # their clip samples are not needed by GPTQ
@@ -191,7 +175,8 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
                 quantize_layer_weights(layer, family, config, groups, acts, solvers, report, i)
                 attn = layer.get_submodule(family.attn)
                 attn.rptq = AttentionQuant(qk_perm=attn.rptq.qk_perm, q=acts["q"], k=acts["k"], v=acts["v"],
-                                           p_bits=config.act_bits("p"))
+                                           p_bits=config.act_bits("p"),
+                                           window=family.sliding_window(runner.model.config, i))
 
             with phase("propagate"):
                 hidden = runner.forward(layer, hidden, desc=f"{tag} propagate" if tag else "")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rptq_cli.calibrate import StatsFile
+from rptq_cli.stats_file import StatsFile
 from cli_run import assert_user_error, run
 
 CALIB = ["--nsamples", "4", "--seqlen", "32", "--seed", "0"]

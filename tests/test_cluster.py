@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from rptq_cli.cluster import Clustering, cluster_channels, identity_clustering, invert_perm
+from rptq_cli.cluster import Clustering, cluster_channels, invert_perm, single_cluster
 from rptq_cli.errors import RptqError
 
 
@@ -102,10 +102,10 @@ def test_bad_inputs_raise_clear_errors():
         cluster_channels(_ranges(10), 0)
 
 
-def test_identity_clustering_and_invert_perm():
-    identity = identity_clustering(12, n_heads=3)
-    _check_valid(identity, 12, 3)
-    assert identity.cluster_sizes.tolist() == [4, 4, 4]
+def test_single_cluster_and_invert_perm():
+    single = single_cluster(12)
+    _check_valid(single, 12, 1)
+    assert single.cluster_sizes.tolist() == [12] and torch.equal(single.perm, torch.arange(12))
     perm = cluster_channels(_ranges(100), 8).perm
     inv = invert_perm(perm)
     x = torch.randn(3, 100)

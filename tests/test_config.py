@@ -1,7 +1,8 @@
 import pytest
 
-from rptq_cli.config import ACT_POINTS, QuantConfig, build_config, parse_clusters, preset_names
+from rptq_cli.config import QuantConfig, build_config, parse_clusters, preset_names
 from rptq_cli.errors import RptqError
+from rptq_cli.points import ACT_POINT_NAMES as ACT_POINTS
 
 # DESIGN §2: bits of (x1, q, k, v, p, o_in, x2, down_in) per preset; token mode (the default) keeps the
 # softmax output in floating point, paper mode puts it at 8 bits

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from rptq_cli.calibrate import StatsFile
+from rptq_cli.stats_file import StatsFile
 from rptq_cli.reorder import plan_layer
 from rptq_cli.config import build_config
 from rptq_cli.models.base import HeadLayout
@@ -50,8 +50,8 @@ def test_inspect_stats_file_matches_quantize_clustering(stats_file, tmp_path):
     assert data["tensor"] == "k" and data["heads"] == 4 and data["seed"] == 0
     stats = StatsFile.load(stats_file)
     plan = plan_layer(stats.layers[0], HeadLayout(4, 4, 16), build_config(), seed=0)
-    assert data["perm"] == plan.r2.perm.tolist()
-    assert [c["size"] for c in data["clusters"]] == plan.r2.cluster_sizes.tolist()
+    assert data["perm"] == plan["R2"].perm.tolist()
+    assert [c["size"] for c in data["clusters"]] == plan["R2"].cluster_sizes.tolist()
 
 
 def test_inspect_png_from_stats_r5(stats_file, tmp_path):

@@ -1,4 +1,5 @@
 """`rptq memory`: its formulas against the bytes rptq really writes and allocates, and the command itself."""
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -139,8 +140,8 @@ def test_kv_cache_and_resident_bytes(tmp_path, family, config, cfg):
 def test_constants_follow_the_code():
     assert memory.GROWTH_TOKENS == PackedKVLayer.GROWTH_TOKENS
     assert memory.CLIP_SAMPLE_ROWS == quantize.CLIP_SAMPLE_ROWS
-    from rptq_cli.calibrate import STAT_POINTS
-    assert memory.STAT_POINTS == STAT_POINTS
+    from rptq_cli.points import STAT_POINTS
+    assert tuple(f.name for f in dataclasses.fields(memory.Groups)) == STAT_POINTS  # one count per calibrated point
 
 
 def test_big_configs_offline():

@@ -118,7 +118,9 @@ def test_cluster_counts_are_clamped_with_a_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = quantized(config=QuantConfig(wbits=16, abits=8, clusters=dict(R2=64), weight_quantizer="rtn"))
-    assert any("clamp" in str(w.message).lower() or "cluster" in str(w.message).lower() for w in caught)
+    # tiny OPT: 64 channels over 4 heads, so R2 asks 64 clusters of 16 channels per head
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "clusters asked" in
+            str(w.message)] == ["64 clusters asked for 16 channels per head; using 16"] * 2  # one per layer
     k = model.model.decoder.layers[0].self_attn.rptq.k
     assert k.group_sizes.numel() <= 64 and int(k.group_sizes.min()) >= 1
 

@@ -1,7 +1,9 @@
-"""What a model family looks like to RPTQ: where its reorder points are, declared as module paths.
+"""What a model family looks like to RPTQ: the module path of each role of ``points.py``'s reorder points.
 
-An adapter is data, not code: the pipeline reads these names and does the rest. Adding a family is one
-small file that builds a :class:`Family` and calls :func:`register`.
+An adapter is data, not code: the pipeline reads the points' description (``points.py``) and these paths and
+does the rest. Everything that differs between families (RoPE, the FFN width's config name, a sliding window,
+modules rebuilt on load) is declared here and in the family's file, nowhere else. Adding a family is one small
+file that builds a :class:`Family` and calls :func:`register`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import RptqError
+from ..points import ACT_POINTS, POINTS, REORDERS, STAT_POINTS
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,9 @@ class Family:
     mlp_in: tuple[str, ...]        # fc1, or (gate_proj, up_proj): rows permuted together by R5
     mlp_out: str                   # fc2 / down_proj: input is R5
     norm_kind: str                 # "layer" | "rms"
-    rope: bool                     # keys are rotated: R2 is applied after RoPE inside attention, not folded
+    rope: bool                     # keys are rotated: R2 is a gather after RoPE inside attention, not folded
+    ffn_size: str                  # config attribute holding the MLP width (ffn_dim, intermediate_size)
+    computed_modules: tuple[str, ...] = ()  # buffers computed from the config, not stored (RoPE): rebuilt on load
 
     def heads(self, config) -> tuple[int, int, int]:
         """(query heads, key/value heads, head dim)."""
@@ -38,10 +43,46 @@ class Family:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         return n_heads, n_kv, head_dim
 
+    def paths(self, *roles: str) -> tuple[str, ...]:
+        """Module paths (inside a layer) of the roles named in ``points.py`` ("q", "mlp_in", ...), in order."""
+        out = []
+        for role in roles:
+            path = getattr(self, role)
+            out += path if isinstance(path, tuple) else [path]
+        return tuple(out)
+
     def linear_inputs(self) -> list[tuple[str, str]]:
         """Every linear layer of a decoder layer with the activation point that feeds it."""
-        return [(self.q, "x1"), (self.k, "x1"), (self.v, "x1"), (self.o, "o_in"),
-                *((path, "x2") for path in self.mlp_in), (self.mlp_out, "down_in")]
+        return [(path, p.name) for p in ACT_POINTS for path in self.paths(*p.consumers)]
+
+    def input_groups(self) -> list[tuple[str, ...]]:
+        """The linears of a layer grouped by the input they share (q/k/v; out_proj; fc1 or gate/up; fc2)."""
+        return [self.paths(*p.consumers) for p in ACT_POINTS if p.consumers]
+
+    def norm_points(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(point, norm path, consumer paths) of each norm output RPTQ reorders (R1, R4)."""
+        return [(p.name, getattr(self, p.norm), self.paths(*p.consumers)) for p in ACT_POINTS if p.norm]
+
+    def widths(self, config) -> dict[str, int]:
+        """Channels of each point width ("hidden", "query", "kv", "ffn") of ``points.py``."""
+        n_heads, n_kv, head_dim = self.heads(config)
+        return {"hidden": config.hidden_size, "query": n_heads * head_dim, "kv": n_kv * head_dim,
+                "ffn": getattr(config, self.ffn_size)}
+
+    def point_channels(self, config) -> dict[str, int]:
+        """Channels of every calibrated activation point (a stats file's tensors)."""
+        widths = self.widths(config)
+        return {p.name: widths[p.width] for p in ACT_POINTS if p.name in STAT_POINTS}
+
+    def cluster_channels(self, config) -> dict[str, int]:
+        """Channels each reorder point clusters: per head for R2/R3, the whole tensor for the others."""
+        widths = self.widths(config)
+        return {r.name: self.heads(config)[2] if r.per_head else widths[POINTS[r.features[0]].width]
+                for r in REORDERS.values()}
+
+    def sliding_window(self, config, layer_index: int) -> int | None:
+        """Keys a query of layer ``layer_index`` attends to (the most recent ones); None: the whole context."""
+        return None
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

@@ -23,4 +23,5 @@ OPT = register(OPTFamily(
     mlp_out="fc2",
     norm_kind="layer",
     rope=False,
+    ffn_size="ffn_dim",
 ))

@@ -7,11 +7,14 @@ between the projections and out_proj happens here, driven by ``module.rptq`` (an
 * R2 for RoPE families: keys are clustered *after* RoPE, so the permutation is a gather of q and k here.
   A permutation of pre-RoPE channels would have to move whole rotary pairs (i, i + d/2) and carry their
   frequencies, and the pre-RoPE (min, max) of a channel would still not describe the rotated key that the
-  cache stores. Post-RoPE clustering quantizes exactly what the cache holds, and the gather is fused into
-  the KV quantize-append kernel. For OPT (no RoPE) R2 is folded into q_proj/k_proj rows instead.
+  cache stores. Post-RoPE clustering quantizes exactly what the cache holds; the packed cache gathers new
+  keys before it quantizes and appends them (``nn/kv_cache.py``). For OPT (no RoPE) R2 is folded into
+  q_proj/k_proj rows instead.
 * Q, K and V are fake-quantized with their per-cluster static parameters (K, V at the KV-cache bits).
 * The softmax output is rounded to a fixed unsigned grid (scale 1 / (2^b - 1), zero 0) when ``p_bits < 16``.
 * Observers (calibration) see q, k, v as [tokens, heads * head_dim] in the order they are quantized.
+* A sliding window (Mistral, some Qwen2 layers; ``window``, declared by the model family) limits each query
+  to the last ``window`` keys. The float path gets it from transformers' mask; the packed path applies it.
 """
 from __future__ import annotations
 
@@ -33,11 +36,12 @@ class AttentionQuant(nn.Module):
     """Per-layer attention quantization state; every part is optional."""
 
     def __init__(self, qk_perm: torch.Tensor | None = None, q: ActQuant | None = None, k: ActQuant | None = None,
-                 v: ActQuant | None = None, p_bits: int = 16):
+                 v: ActQuant | None = None, p_bits: int = 16, window: int | None = None):
         super().__init__()
         self.register_buffer("qk_perm", qk_perm)  # int64 [kv_heads, head_dim]: post-RoPE R2 gather
         self.q, self.k, self.v = q, k, v
         self.p_bits = int(p_bits)
+        self.window = window  # keys a query sees (the most recent); None: all. From the family, not stored
         self.observer: Callable[[str, torch.Tensor], None] | None = None
 
     def permute_k(self, key: torch.Tensor) -> torch.Tensor:
@@ -109,10 +113,19 @@ def packed_attention(spec: AttentionQuant, query: torch.Tensor, cache, attention
     query = spec.permute_q(query)
     if spec.q is not None:
         query = spec.q.forward_heads(query)
-    if query.shape[0] == 1:  # a single sequence: the mask is purely causal, which the kernel applies itself
-        out = kernels.decode_attention(query, cache.keys, cache.values, cache.k_scale, cache.k_zero, cache.v_scale,
-                                       cache.v_zero, cache.bits, cache.length, scaling, spec.p_bits)
-    else:  # padded batches carry a general mask: dequantize and attend
+    new = query.shape[2]
+    # the window cuts keys off: a query at position t sees keys t - window + 1 .. t (transformers' convention)
+    cut = spec.window is not None and cache.length > spec.window
+    if query.shape[0] == 1 and not (cut and new > 1):
+        # a single sequence: the mask is purely causal, which the kernel applies itself; one new query under a
+        # window sees exactly the last `window` keys, copied out as a cache of their own (the kernel reads a
+        # contiguous [B, Hkv, S, row] buffer)
+        start = cache.length - spec.window if cut else 0
+        keys, values = ((codes[:, :, start:cache.length].contiguous() for codes in (cache.keys, cache.values))
+                        if cut else (cache.keys, cache.values))
+        out = kernels.decode_attention(query, keys, values, cache.k_scale, cache.k_zero, cache.v_scale,
+                                       cache.v_zero, cache.bits, cache.length - start, scaling, spec.p_bits)
+    else:  # padded batches, and several queries under a window, carry a general mask: dequantize and attend
         key, value = cache.dequantized()
         out = attend(query, key, value, attention_mask, scaling, spec.p_bits)
     return out.transpose(1, 2).contiguous(), None
