@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -36,7 +37,7 @@ inline __m512i unpack16(const uint8_t* row, int64_t c) {
     if (c & 1) v = _mm512_srli_epi32(v, 4);
     return _mm512_and_si512(v, _mm512_set1_epi32(15));
   } else {
-    const uint8_t* blk = row + (c >> 1) * (4 * BITS);
+    const uint8_t* blk = row + (c >> 1) * block_bytes(BITS);
     uint64_t lo;
     std::memcpy(&lo, blk, 8);
     const int h = int(c & 1);
@@ -251,8 +252,8 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
         for (int m = 0; m < M; ++m) bl[m] = bh[m] = _mm512_setzero_ps();
         for (; s + 2 <= s1; s += 2) {
           __m512 wl0, wh0, wl1, wh1;
-          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * (4 * BITS)), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s + 1] * (4 * BITS)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * block_bytes(BITS)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s + 1] * block_bytes(BITS)), _MM_HINT_T0);
           dec(row, sg.chunk[s], wl0, wh0);
           dec(row, sg.chunk[s + 1], wl1, wh1);
           const float* xv = xs + s * 32 * M;
@@ -272,7 +273,7 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
       }
       for (; s < s1; ++s) {
         __m512 wl, wh;
-        _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * (4 * BITS)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * block_bytes(BITS)), _MM_HINT_T0);
         dec(row, sg.chunk[s], wl, wh);
         const float* xv = xs + s * 32 * M;
 #pragma GCC unroll 8
@@ -422,7 +423,7 @@ bool use_ex_gemv() {
 
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                   const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y) {
-  if (M > 8 || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
+  if (M > kGemvMaxRows || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
   if (bits == 4 && M <= 3 && use_ex_gemv() && v_gemv4_ex(x, M, qw, scales, zeros, gs, G, N, K, bias, y)) return;
   if (bits == 4) return v_gemvb<4>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   if (bits == 3) return v_gemvb<3>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
@@ -433,12 +434,9 @@ void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* sca
   Buf<float> xsum(M * G);
   stage_segments(x, M, K, sg, G, 16, 1.0f, xs.p, xsum.p);
   const int64_t rb = row_bytes(K, bits);
-  switch (bits) {
-    case 2: return gemv<2>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 3: return gemv<3>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 4: return gemv<4>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    default: return gemv<8>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-  }
+  // 3 and 4 bits took the block kernels above; 2 and 8 bits decode 16 codes a chunk
+  if (bits == 2) return gemv<2>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+  return gemv<8>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
 }
 
 // ---- W{2,3,4}A{≤8} integer GEMM with VNNI ------------------------------------------------------------
@@ -585,8 +583,11 @@ inline void tile_group_params(const Segments& sg, const int64_t* off, int G, con
 void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                  const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                  const int32_t* act_zero, int act_bits, const float* bias, float* y) {
-  // ops.cpp sends only > 8 rows and weights of ≤ 4 bits here (codes must be a valid s8 operand)
-  if (bits > 4 || M < 1 || K < 1 || N < 1) return;
+  // ops.cpp sends only > kGemvMaxRows rows and weights of ≤ kIntGemmMaxBits bits here (codes must be a
+  // valid s8 operand), and K ≥ 1 (otherwise y is the bias alone, which this kernel does not write)
+  if (bits > kIntGemmMaxBits || K < 1)
+    throw std::invalid_argument("rptq: the VNNI GEMM needs K >= 1 and weights of at most 4 bits");
+  if (M < 1 || N < 1) return;  // y is empty
   Buf<int64_t> off(G + 1);
   group_offsets(gs, G, off.p);
   Segments sg;
@@ -842,7 +843,9 @@ constexpr int kAmxMB = 32;
 void v_linear_aq_amx(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                      const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                      const int32_t* act_zero, int act_bits, const float* bias, float* y) {
-  if (bits > 4 || M < 1 || K < 1 || N < 1) return;
+  if (bits > kIntGemmMaxBits || K < 1)
+    throw std::invalid_argument("rptq: the AMX GEMM needs K >= 1 and weights of at most 4 bits");
+  if (M < 1 || N < 1) return;  // y is empty
   Buf<int64_t> off(G + 1);
   group_offsets(gs, G, off.p);
   Segments sg4, sg64;
