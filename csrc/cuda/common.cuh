@@ -30,7 +30,7 @@ using rptq_layout::code_at;
 using rptq_layout::kBlockCodes;
 using rptq_layout::row_bytes;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+RPTQ_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Rows of x at or below this run the GEMV kernels (decode); the GEMV is compiled for 1, 2, 4 and 8 rows.
 constexpr int64_t kGemvMaxRows = 8;
