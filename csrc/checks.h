@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <functional>
 #include <optional>
@@ -67,13 +68,16 @@ inline void check_group_sizes(const char* op, const Tensor& gs, int64_t G, int64
   RPTQ_CHECK_ARG(gs.numel() == G, op, "expected ", G, " group sizes (one per group), got ", gs.numel());
   RPTQ_CHECK_ARG(G >= 1, op, "at least one group is needed");
   if (!can_read_contents(gs)) return;
-  const Tensor g = gs.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* p = g.data_ptr<int64_t>();
+  // read in place when the sizes are already a contiguous CPU int32 tensor (every call of a model): no copy
+  const Tensor g = gs.device().is_cpu() ? gs.contiguous() : gs.to(at::kCPU).contiguous();
   int64_t sum = 0;
-  for (int64_t i = 0; i < G; ++i) {
-    RPTQ_CHECK_ARG(p[i] > 0, op, "group sizes must be positive, group ", i, " has ", p[i]);
-    sum += p[i];
-  }
+  AT_DISPATCH_INDEX_TYPES(g.scalar_type(), "rptq_check_group_sizes", [&] {
+    const index_t* p = g.data_ptr<index_t>();
+    for (int64_t i = 0; i < G; ++i) {
+      RPTQ_CHECK_ARG(p[i] > 0, op, "group sizes must be positive, group ", i, " has ", p[i]);
+      sum += p[i];
+    }
+  });
   RPTQ_CHECK_ARG(sum == total, op, "group sizes sum to ", sum, ", expected ", total);
 }
 
@@ -180,10 +184,12 @@ inline void check_reorder_norm(const Tensor& x, const Tensor& perm, const Tensor
   check_same_device(op, x, {{&perm, "perm"}, {&weight, "weight"}, {bias ? &*bias : nullptr, "bias"}});
   check_bias(op, bias, C);
   if (C && can_read_contents(perm)) {
-    const Tensor p = perm.to(at::kCPU, at::kLong).contiguous();
-    const int64_t* pp = p.data_ptr<int64_t>();
+    const Tensor p = perm.device().is_cpu() ? perm.contiguous() : perm.to(at::kCPU).contiguous();
     bool ok = true;
-    for (int64_t i = 0; i < C; ++i) ok &= (pp[i] >= 0) & (pp[i] < C);
+    AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "rptq_check_perm", [&] {
+      const index_t* pp = p.data_ptr<index_t>();
+      for (int64_t i = 0; i < C; ++i) ok &= (pp[i] >= 0) & (pp[i] < C);
+    });
     RPTQ_CHECK_ARG(ok, op, "perm has an index outside [0, C=", C, ")");
   }
 }

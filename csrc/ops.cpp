@@ -151,8 +151,8 @@ Tensor linear_aq(const Tensor& x, const Tensor& qweight, const Tensor& scales, c
     // Decode (the weight stream dominates), 8-bit weights or no VNNI: the same math as fake_quant(x) then
     // the W·A16 kernels.
     Tensor fq = at::empty_like(x2);
-    table().quantize_act(x2.data_ptr<float>(), M, w.K, a_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(),
-                         w.gs.data_ptr<int32_t>(), int(w.G), int(act_bits), nullptr, fq.data_ptr<float>());
+    table().fake_quant_act(x2.data_ptr<float>(), M, w.K, a_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(),
+                           w.gs.data_ptr<int32_t>(), int(w.G), int(act_bits), fq.data_ptr<float>());
     return run_linear_a16(fq, w, b, bits).to(x.scalar_type()).reshape(out_shape(x, w.N));
   }
   Tensor y = at::empty({M, w.N}, x2.options());
@@ -170,8 +170,8 @@ Tensor fake_quant_act(const Tensor& x, const Tensor& act_scale, const Tensor& ac
   Tensor a_scale = f32(act_scale), a_zero = i32(act_zero), g = i32(gs);
   Tensor x2 = f32(x).reshape({-1, C});
   Tensor out = at::empty_like(x2);
-  table().quantize_act(x2.data_ptr<float>(), x2.size(0), C, a_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(),
-                       g.data_ptr<int32_t>(), int(g.numel()), int(bits), nullptr, out.data_ptr<float>());
+  table().fake_quant_act(x2.data_ptr<float>(), x2.size(0), C, a_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(),
+                         g.data_ptr<int32_t>(), int(g.numel()), int(bits), out.data_ptr<float>());
   return out.to(x.scalar_type()).reshape(x.sizes());
 }
 

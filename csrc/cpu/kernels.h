@@ -45,9 +45,9 @@ struct KernelTable {
   void (*linear_aq)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                     const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                     const int32_t* act_zero, int act_bits, const float* bias, float* y);
-  // codes (may be null) and/or fake-quantized values (may be null) of x [rows, C]
-  void (*quantize_act)(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
-                       const int32_t* gs, int G, int bits, uint8_t* codes, float* fq);
+  // fake-quantized x [rows, C] on static per-group grids
+  void (*fake_quant_act)(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
+                         const int32_t* gs, int G, int bits, float* fq);
   // fake-quantized x [rows, C] on per-token grids: each row's own (scale, zero) per group from its min/max
   // times the group's clip ratio
   void (*quantize_act_token)(const float* x, int64_t rows, int64_t C, const int32_t* gs, const float* clip, int G,

@@ -87,18 +87,6 @@ inline int32_t quantize_span(const float* x, int64_t len, float inv, int32_t zer
   return _mm512_reduce_add_epi32(sum);
 }
 
-void v_quantize_act(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
-                    const int32_t* gs, int G, int bits, uint8_t* codes, float* fq) {
-  if (!codes || fq) return g_quantize_act(x, rows, C, scale, zero, gs, G, bits, codes, fq);
-  Buf<int64_t> off(G + 1);
-  group_offsets(gs, G, off.p);
-  const int qmax = (1 << bits) - 1;
-#pragma omp parallel for schedule(static) if (rows * C > kParallelMin)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int g = 0; g < G; ++g)
-      quantize_span(x + r * C + off[g], off[g + 1] - off[g], 1.0f / scale[g], zero[g], qmax, codes + r * C + off[g]);
-}
-
 // Stage the activations of every segment, group-masked and segment-major (xs[s][m][width], width 16 or 32, the
 // upper 16 lanes of a 32-wide chunk times hi_scale), and their per-group sums xsum[m][G] (unscaled).
 inline void stage_segments(const float* x, int64_t M, int64_t K, const Segments& sg, int G, int width,
@@ -815,7 +803,6 @@ void fill_avx512(KernelTable* t) {
   t->linear_a16 = avx512::v_linear_a16;
   t->linear_aq = avx512::v_linear_aq;
   t->dequant_weight = avx512::v_dequant_weight;
-  t->quantize_act = avx512::v_quantize_act;
   t->decode_attention = avx512::simd_decode_attention<avx512::Attention>;
   t->isa = "avx512vnni";
 }
