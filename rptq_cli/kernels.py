@@ -1,134 +1,311 @@
-"""The ``rptq::`` ops: one name each, a readable PyTorch reference, and the compiled kernels behind it.
+"""The ``rptq::`` ops: each defined once here, called through ``torch.ops.rptq``.
 
-Every op is defined here once (its schema, below in ``_SCHEMAS``) as a ``torch.library`` custom op in
-the ``rptq`` namespace, with
+An op is one block below: its argument check (``_check_<op>``), its pure-PyTorch reference (``ref_<op>``:
+the specification, the test oracle and the fallback), its fake (meta) implementation, and one
+:func:`_define` call with its schema. The module-level name of the op (``kernels.linear_a16``, ...) IS
+``torch.ops.rptq.<op>``: there is no Python wrapper between a caller and the dispatcher, so every caller
+gets the same backend and the same checks.
 
-* a pure-PyTorch reference (``ref_<op>``): the specification, the test oracle and the fallback;
-* a fake (meta) implementation, for shape propagation / ``torch.compile``;
-* the compiled CPU kernels of ``rptq_cli._C`` (``csrc/``), registered from C++ with
-  ``TORCH_LIBRARY_IMPL(rptq, CPU, m)``, and CUDA kernels the same way with ``TORCH_LIBRARY_IMPL(rptq, CUDA, m)``.
+Backends (docs/kernels.md):
 
-The schemas are defined in Python (``torch.library.Library("rptq", "DEF")``) *before* the extension is
-imported, so C++ only registers implementations. The reference is registered as the
-``CompositeExplicitAutograd`` kernel: any device without a compiled kernel runs it.
+* compiled: the CPU kernels of ``rptq_cli._C`` (``csrc/``), registered from C++ under the ``CPU`` key, and the
+  CUDA kernels under the ``CUDA`` key. Each C++ wrapper first runs its op's check from ``csrc/checks.h``, which
+  mirrors ``_check_<op>`` here (a ``ValueError`` naming the op and the argument).
+* reference: ``_check_<op>`` then ``ref_<op>``. Registered as the ``CompositeExplicitAutograd`` kernel (any
+  device, or any op, without a compiled kernel runs it) and, while the reference backend is chosen, also under
+  the ``CPU`` and ``CUDA`` keys, where it takes precedence over the compiled kernels.
 
-The public functions below (``linear_a16``, ``decode_attention``, ...) are what the model modules call.
-They check their inputs (raising :class:`ValueError` with a message) and dispatch to the compiled kernel,
-or to the reference when the extension is missing (one warning) or ``RPTQ_KERNELS=reference`` is set.
-:func:`backend` says which one runs. The op contract is ``docs/kernels.md``.
+The choice is made at dispatch: ``RPTQ_KERNELS=reference`` in the environment when this module is imported,
+or :func:`set_backend` at run time; without the extension the reference runs (one ``RuntimeWarning``).
+:func:`backend` says which implementation runs on a device.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 
+from rptq_cli.config import FP
 from rptq_cli.quant import grid
 from rptq_cli.quant.pack import SUPPORTED_BITS, pack_rows, packed_row_bytes, unpack_rows
 
 __all__ = [
-    "backend", "compiled_available", "use_reference",
-    "pack_weight", "unpack_weight", "linear_a16", "linear_aq", "quantize_act", "fake_quant_act",
-    "fake_quant_act_token",
-    "reorder_norm", "kv_pack", "kv_unpack", "kv_append", "decode_attention", "kv_row_bytes",
+    "backend", "set_backend", "using_backend", "compiled_available", "use_reference", "kv_row_bytes",
+    "pack_weight", "unpack_weight", "linear_a16", "linear_aq", "fake_quant_act", "fake_quant_act_token",
+    "reorder_norm", "kv_pack", "kv_unpack", "kv_append", "decode_attention",
 ]
 
-# --------------------------------------------------------------------------------------------------
-# Schemas (the contract; docs/kernels.md explains each op)
-# --------------------------------------------------------------------------------------------------
-_SCHEMAS = {
-    "pack_weight": "pack_weight(Tensor codes, int bits) -> Tensor",
-    "unpack_weight": "unpack_weight(Tensor packed, int bits, int N, int K) -> Tensor",
-    "linear_a16": "linear_a16(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor group_sizes, "
-                  "int bits, Tensor? bias=None) -> Tensor",
-    "linear_aq": "linear_aq(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor group_sizes, int bits, "
-                 "Tensor act_scale, Tensor act_zero, int act_bits, Tensor? bias=None) -> Tensor",
-    "quantize_act": "quantize_act(Tensor x, Tensor act_scale, Tensor act_zero, Tensor act_group_sizes, "
-                    "int bits) -> Tensor",
-    "fake_quant_act": "fake_quant_act(Tensor x, Tensor act_scale, Tensor act_zero, Tensor act_group_sizes, "
-                      "int bits) -> Tensor",
-    "fake_quant_act_token": "fake_quant_act_token(Tensor x, Tensor act_group_sizes, Tensor clip, int bits) -> Tensor",
-    "reorder_norm": "reorder_norm(Tensor x, Tensor perm, Tensor weight, Tensor? bias, float eps, bool rms, "
-                    "Tensor? act_scale=None, Tensor? act_zero=None, Tensor? act_group_sizes=None, "
-                    "int act_bits=16) -> Tensor",
-    "kv_pack": "kv_pack(Tensor x, Tensor scale, Tensor zero, int bits) -> Tensor",
-    "kv_unpack": "kv_unpack(Tensor packed, Tensor scale, Tensor zero, int bits, int D) -> Tensor",
-    "kv_append": "kv_append(Tensor(a!) cache, Tensor x, Tensor scale, Tensor zero, int bits, int pos) -> ()",
-    "decode_attention": "decode_attention(Tensor q, Tensor k_packed, Tensor v_packed, Tensor k_scale, "
-                        "Tensor k_zero, Tensor v_scale, Tensor v_zero, int bits, int kv_len, float scaling, "
-                        "int p_bits=16) -> Tensor",
-}
-
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_INTS = (torch.int32, torch.int64)
+_LIB = torch.library.Library("rptq", "DEF")
+_CHECKED_REFERENCE: dict[str, Callable] = {}
+
+
+def _define(schema: str, *, check: Callable, reference: Callable, fake: Callable) -> torch._ops.OpOverloadPacket:
+    """Define ``rptq::<op>`` from its schema; register ``check`` + ``reference`` and the fake. Returns the op."""
+    name = schema.split("(", 1)[0]
+
+    def checked_reference(*args, **kwargs):
+        check(*args, **kwargs)
+        return reference(*args, **kwargs)
+
+    checked_reference.__name__ = f"checked_ref_{name}"
+    _LIB.define(schema)
+    _LIB.impl(name, checked_reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"rptq::{name}", fake, lib=_LIB)
+    _CHECKED_REFERENCE[name] = checked_reference
+    return getattr(torch.ops.rptq, name)
 
 
 # --------------------------------------------------------------------------------------------------
-# Reference implementations (the specification). Pure torch, any device, float32 math.
+# Checks shared by several ops (csrc/checks.h has the same, with the same messages)
 # --------------------------------------------------------------------------------------------------
-def _dequant_weight(qweight, scales, zeros, group_sizes, bits, n, k):
+def _check(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"rptq::{op}: {msg}")
+
+
+def _check_bits(op: str, bits: int) -> None:
+    _check(bits in SUPPORTED_BITS, op, f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def _check_act_bits(op: str, bits: int) -> None:
+    _check(1 <= bits <= 8, op, f"activation bits must be in 1..8, got {bits}")
+
+
+def _check_same_device(op: str, first: torch.Tensor, **rest: torch.Tensor | None) -> None:
+    for name, t in rest.items():
+        if t is not None:
+            _check(t.device == first.device, op, f"{name} is on {t.device} but the data is on {first.device}")
+
+
+def _check_group_sizes(op: str, group_sizes: torch.Tensor, groups: int, total: int) -> None:
+    _check(group_sizes.dim() == 1 and group_sizes.dtype in _INTS, op,
+           f"group_sizes must be a 1-D int32 tensor, got {group_sizes.dtype} {tuple(group_sizes.shape)}")
+    _check(group_sizes.numel() == groups, op,
+           f"expected {groups} group sizes (one per group), got {group_sizes.numel()}")
+    _check(groups >= 1, op, "at least one group is needed")
+    sizes = group_sizes.tolist()
+    for i, size in enumerate(sizes):
+        _check(size > 0, op, f"group sizes must be positive, group {i} has {size}")
+    _check(sum(sizes) == total, op, f"group sizes sum to {sum(sizes)}, expected {total}")
+
+
+def _check_bias(op: str, bias: torch.Tensor | None, n: int) -> None:
+    _check(bias is None or (bias.dim() == 1 and bias.shape[0] == n and bias.dtype in _FLOATS), op,
+           f"bias must be float [N={n}], got {None if bias is None else (bias.dtype, tuple(bias.shape))}")
+
+
+def _check_weight(op, x, qweight, scales, zeros, group_sizes, bits, bias) -> int:
+    """The packed weight of linear_a16 / linear_aq against x; returns the number of groups."""
+    _check_bits(op, bits)
+    _check(x.dtype in _FLOATS and x.dim() >= 1, op,
+           f"x must be a float32/float16/bfloat16 tensor, got {x.dtype} {tuple(x.shape)}")
+    _check(scales.dim() == 2 and scales.dtype in (torch.float16, torch.float32), op,
+           f"scales must be float16/float32 [N, G], got {scales.dtype} {tuple(scales.shape)}")
+    k = x.shape[-1]
+    n, g = scales.shape
+    rb = packed_row_bytes(k, bits)
+    _check(qweight.dtype == torch.uint8 and qweight.dim() == 2, op,
+           f"qweight must be 2-D uint8, got {qweight.dtype} {tuple(qweight.shape)}")
+    _check(tuple(qweight.shape) == (n, rb), op,
+           f"qweight must be [N={n}, {rb}] for K={k} at {bits} bits, got {tuple(qweight.shape)}")
+    _check(zeros.dtype == torch.uint8 and tuple(zeros.shape) == (n, g), op,
+           f"zeros must be uint8 [N={n}, G={g}], got {zeros.dtype} {tuple(zeros.shape)}")
+    _check_same_device(op, x, qweight=qweight, scales=scales, zeros=zeros, group_sizes=group_sizes, bias=bias)
+    _check_group_sizes(op, group_sizes, g, k)
+    _check_bias(op, bias, n)
+    return g
+
+
+def _check_act(op, x, act_scale, act_zero, groups, bits) -> None:
+    _check_act_bits(op, bits)
+    _check(x.dtype in _FLOATS and x.dim() >= 1, op, f"x must be a float tensor, got {x.dtype}")
+    _check(act_scale.dim() == 1 and act_scale.numel() == groups and act_scale.dtype.is_floating_point, op,
+           f"act_scale must be float [{groups}], one entry per group, got {act_scale.dtype} {tuple(act_scale.shape)}")
+    _check(act_zero.dim() == 1 and act_zero.numel() == groups and act_zero.dtype in _INTS, op,
+           f"act_zero must be int32 [{groups}], one entry per group, got {act_zero.dtype} {tuple(act_zero.shape)}")
+    _check_same_device(op, x, act_scale=act_scale, act_zero=act_zero)
+
+
+def _check_kv_params(op, data, scale, zero, h, d) -> None:
+    _check(scale.dim() == 2 and tuple(scale.shape) == (h, d) and scale.dtype.is_floating_point, op,
+           f"scale must be float [H={h}, D={d}], got {scale.dtype} {tuple(scale.shape)}")
+    _check(zero.dim() == 2 and tuple(zero.shape) == (h, d) and zero.dtype in _INTS, op,
+           f"zero must be int32 [H={h}, D={d}], got {zero.dtype} {tuple(zero.shape)}")
+    _check_same_device(op, data, scale=scale, zero=zero)
+
+
+def _dequant_weight(qweight, scales, zeros, group_sizes, bits, k):
     codes = unpack_rows(qweight, bits, k)
     return grid.dequantize(codes, grid.expand_groups(scales.float(), group_sizes),
                            grid.expand_groups(zeros, group_sizes))
+
+
+def kv_row_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of one packed KV row (one token of one head): head_dim codes padded to blocks of 32."""
+    return packed_row_bytes(head_dim, bits)
+
+
+# --------------------------------------------------------------------------------------------------
+# pack_weight / unpack_weight: uint8 codes [N, K] <-> block_q{bits} rows (rptq_cli/quant/pack.py)
+# --------------------------------------------------------------------------------------------------
+def _check_pack_weight(codes, bits):
+    _check_bits("pack_weight", bits)
+    _check(codes.dtype == torch.uint8 and codes.dim() == 2, "pack_weight",
+           f"codes must be uint8 [N, K], got {codes.dtype} {tuple(codes.shape)}")
+    _check(codes.numel() == 0 or int(codes.max()) < (1 << bits), "pack_weight",
+           f"a code exceeds the {bits}-bit range")
 
 
 def ref_pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_rows(codes, bits)
 
 
+pack_weight = _define(
+    "pack_weight(Tensor codes, int bits) -> Tensor",
+    check=_check_pack_weight, reference=ref_pack_weight,
+    fake=lambda codes, bits: codes.new_empty((codes.shape[0], packed_row_bytes(codes.shape[1], bits))))
+
+
+def _check_unpack_weight(packed, bits, N, K):
+    _check_bits("unpack_weight", bits)
+    _check(N >= 0 and K >= 0, "unpack_weight", f"N and K must not be negative, got {N}, {K}")
+    rb = packed_row_bytes(K, bits)
+    _check(packed.dtype == torch.uint8 and tuple(packed.shape) == (N, rb), "unpack_weight",
+           f"packed must be uint8 [{N}, {rb}], got {packed.dtype} {tuple(packed.shape)}")
+
+
 def ref_unpack_weight(packed: torch.Tensor, bits: int, N: int, K: int) -> torch.Tensor:
     return unpack_rows(packed, bits, K)
 
 
+unpack_weight = _define(
+    "unpack_weight(Tensor packed, int bits, int N, int K) -> Tensor",
+    check=_check_unpack_weight, reference=ref_unpack_weight,
+    fake=lambda packed, bits, N, K: packed.new_empty((N, K)))
+
+
+def _fake_linear(x, qweight, scales, *args, **kwargs):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# linear_a16: weight-only quantized linear. GEMV kernels for few rows (decode), GEMM for more (prefill).
+# --------------------------------------------------------------------------------------------------
+def _check_linear_a16(x, qweight, scales, zeros, group_sizes, bits, bias=None):
+    _check_weight("linear_a16", x, qweight, scales, zeros, group_sizes, bits, bias)
+
+
 def ref_linear_a16(x, qweight, scales, zeros, group_sizes, bits, bias=None):
     """``y = x @ W.T + bias`` with ``W[n, k] = (code - zeros[n, g(k)]) * scales[n, g(k)]``; float32 math."""
-    n, k = scales.shape[0], x.shape[-1]
-    w = _dequant_weight(qweight, scales, zeros, group_sizes, bits, n, k)
+    w = _dequant_weight(qweight, scales, zeros, group_sizes, bits, x.shape[-1])
     y = x.float() @ w.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
-def ref_quantize_act(x, act_scale, act_zero, act_group_sizes, bits):
-    """Codes (uint8, shape of x) of x on per-channel-group grids along the last dim."""
-    scale = grid.expand_groups(act_scale.float(), act_group_sizes)
-    zero = grid.expand_groups(act_zero, act_group_sizes)
-    return grid.quantize(x, scale, zero, bits)
+linear_a16 = _define(
+    "linear_a16(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor group_sizes, int bits, "
+    "Tensor? bias=None) -> Tensor",
+    check=_check_linear_a16, reference=ref_linear_a16, fake=_fake_linear)
+
+
+# --------------------------------------------------------------------------------------------------
+# fake_quant_act / fake_quant_act_token: activation quantizers (static per-group grids / per-token grids)
+# --------------------------------------------------------------------------------------------------
+def _check_fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits):
+    _check_act("fake_quant_act", x, act_scale, act_zero, act_group_sizes.numel(), bits)
+    _check_same_device("fake_quant_act", x, act_group_sizes=act_group_sizes)
+    _check_group_sizes("fake_quant_act", act_group_sizes, act_group_sizes.numel(), x.shape[-1])
 
 
 def ref_fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits):
+    """Quantize-dequantize x on per-channel-group grids along the last dim; returns x's dtype."""
     scale = grid.expand_groups(act_scale.float(), act_group_sizes)
     zero = grid.expand_groups(act_zero, act_group_sizes)
     return grid.fake_quantize(x.float(), scale, zero, bits).to(x.dtype)
 
 
+fake_quant_act = _define(
+    "fake_quant_act(Tensor x, Tensor act_scale, Tensor act_zero, Tensor act_group_sizes, int bits) -> Tensor",
+    check=_check_fake_quant_act, reference=ref_fake_quant_act, fake=lambda x, *a: x.new_empty(x.shape))
+
+
+def _check_fake_quant_act_token(x, act_group_sizes, clip, bits):
+    op = "fake_quant_act_token"
+    _check_act_bits(op, bits)
+    _check(x.dtype in _FLOATS and x.dim() >= 1, op, f"x must be a float tensor, got {x.dtype}")
+    g = act_group_sizes.numel()
+    _check(clip.dim() == 1 and clip.numel() == g and clip.dtype.is_floating_point, op,
+           f"clip must be float [{g}], one ratio per group, got {clip.dtype} {tuple(clip.shape)}")
+    _check_same_device(op, x, act_group_sizes=act_group_sizes, clip=clip)
+    _check_group_sizes(op, act_group_sizes, g, x.shape[-1])
+
+
 def ref_fake_quant_act_token(x, act_group_sizes, clip, bits):
-    """Quantize-dequantize each token (row of the last dim) on its own per-group grids (dynamic scales)."""
+    """Quantize-dequantize each token (row of the last dim) on its own per-group grids: scale and zero from the
+    token's min/max in the group times the group's ``clip`` ratio (float32 [G])."""
     scale, zero = grid.token_group_params(x, act_group_sizes, clip, bits)
     scale = grid.expand_groups(scale, act_group_sizes)
     zero = grid.expand_groups(zero, act_group_sizes)
     return grid.fake_quantize(x.float(), scale, zero, bits).to(x.dtype)
 
 
+fake_quant_act_token = _define(
+    "fake_quant_act_token(Tensor x, Tensor act_group_sizes, Tensor clip, int bits) -> Tensor",
+    check=_check_fake_quant_act_token, reference=ref_fake_quant_act_token, fake=lambda x, *a: x.new_empty(x.shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# linear_aq: weight-and-activation quantized linear (x quantized per weight group, integer dot products)
+# --------------------------------------------------------------------------------------------------
+def _check_linear_aq(x, qweight, scales, zeros, group_sizes, bits, act_scale, act_zero, act_bits, bias=None):
+    groups = _check_weight("linear_aq", x, qweight, scales, zeros, group_sizes, bits, bias)
+    _check_act("linear_aq", x, act_scale, act_zero, groups, act_bits)
+
+
 def ref_linear_aq(x, qweight, scales, zeros, group_sizes, bits, act_scale, act_zero, act_bits, bias=None):
     """``fake_quant(x) @ W.T + bias``, x quantized per weight group (the activation groups ARE the weight
     groups). Compiled kernels compute the same with integer dot products per group and float epilogue."""
     xq = ref_fake_quant_act(x.float(), act_scale, act_zero, group_sizes, act_bits)
-    n, k = scales.shape[0], x.shape[-1]
-    w = _dequant_weight(qweight, scales, zeros, group_sizes, bits, n, k)
+    w = _dequant_weight(qweight, scales, zeros, group_sizes, bits, x.shape[-1])
     y = xq @ w.T
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
 
 
-def ref_reorder_norm(x, perm, weight, bias, eps, rms, act_scale=None, act_zero=None, act_group_sizes=None,
-                     act_bits=16):
+linear_aq = _define(
+    "linear_aq(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor group_sizes, int bits, "
+    "Tensor act_scale, Tensor act_zero, int act_bits, Tensor? bias=None) -> Tensor",
+    check=_check_linear_aq, reference=ref_linear_aq, fake=_fake_linear)
+
+
+# --------------------------------------------------------------------------------------------------
+# reorder_norm: gather + LayerNorm / RMSNorm in one pass (R1, R4)
+# --------------------------------------------------------------------------------------------------
+def _check_reorder_norm(x, perm, weight, bias, eps, rms):
+    op = "reorder_norm"
+    _check(x.dtype in _FLOATS and x.dim() >= 1, op, f"x must be a float tensor, got {x.dtype}")
+    c = x.shape[-1]
+    _check(perm.dim() == 1 and perm.numel() == c and perm.dtype in _INTS, op,
+           f"perm must be an int64 [C={c}] tensor, got {perm.dtype} {tuple(perm.shape)}")
+    _check(weight.dim() == 1 and weight.numel() == c and weight.dtype in _FLOATS, op,
+           f"weight must be float [C={c}], got {weight.dtype} {tuple(weight.shape)}")
+    _check_same_device(op, x, perm=perm, weight=weight, bias=bias)
+    _check_bias(op, bias, c)
+    _check(c == 0 or (int(perm.min()) >= 0 and int(perm.max()) < c), op, f"perm has an index outside [0, C={c})")
+
+
+def ref_reorder_norm(x, perm, weight, bias, eps, rms):
     """``norm(x[..., perm]) * weight + bias`` in float32 (weight/bias already permuted); LayerNorm with
-    biased variance, or RMSNorm ``x * rsqrt(mean(x²) + eps)``. With ``act_bits < 16`` the output is
-    fake-quantized on the given per-group grid (the quantizer of the next linear's input)."""
-    xf = x.float().index_select(-1, perm.to(x.device))
+    biased variance, or RMSNorm ``x * rsqrt(mean(x²) + eps)``."""
+    xf = x.float().index_select(-1, perm.to(x.device).long())
     if rms:
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     else:
@@ -138,14 +315,22 @@ def ref_reorder_norm(x, perm, weight, bias, eps, rms, act_scale=None, act_zero=N
     y = y * weight.float()
     if bias is not None:
         y = y + bias.float()
-    if act_bits < 16:
-        y = ref_fake_quant_act(y, act_scale, act_zero, act_group_sizes, act_bits)
     return y.to(x.dtype)
 
 
-def kv_row_bytes(head_dim: int, bits: int) -> int:
-    """Bytes of one packed KV row (one token of one head): head_dim codes padded to blocks of 32."""
-    return packed_row_bytes(head_dim, bits)
+reorder_norm = _define(
+    "reorder_norm(Tensor x, Tensor perm, Tensor weight, Tensor? bias, float eps, bool rms) -> Tensor",
+    check=_check_reorder_norm, reference=ref_reorder_norm, fake=lambda x, *a, **k: x.new_empty(x.shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache: kv_pack / kv_unpack / kv_append (per-channel grids of [H, D], block_q{bits} rows)
+# --------------------------------------------------------------------------------------------------
+def _check_kv_pack(x, scale, zero, bits):
+    _check_bits("kv_pack", bits)
+    _check(x.dim() == 4 and x.dtype in _FLOATS, "kv_pack", f"x must be a float [B, H, T, D], got {x.dtype} "
+           f"{tuple(x.shape)}")
+    _check_kv_params("kv_pack", x, scale, zero, x.shape[1], x.shape[3])
 
 
 def ref_kv_pack(x, scale, zero, bits):
@@ -154,10 +339,48 @@ def ref_kv_pack(x, scale, zero, bits):
     return pack_rows(codes, bits)
 
 
+kv_pack = _define(
+    "kv_pack(Tensor x, Tensor scale, Tensor zero, int bits) -> Tensor",
+    check=_check_kv_pack, reference=ref_kv_pack,
+    fake=lambda x, scale, zero, bits: x.new_empty((*x.shape[:-1], kv_row_bytes(x.shape[-1], bits)),
+                                                  dtype=torch.uint8))
+
+
+def _check_kv_unpack(packed, scale, zero, bits, D):
+    _check_bits("kv_unpack", bits)
+    _check(D >= 0, "kv_unpack", f"D must not be negative, got {D}")
+    rb = kv_row_bytes(D, bits)
+    _check(packed.dtype == torch.uint8 and packed.dim() == 4 and packed.shape[3] == rb, "kv_unpack",
+           f"packed must be uint8 [B, H, T, {rb}] (rows of kv_row_bytes({D}, {bits})), got {packed.dtype} "
+           f"{tuple(packed.shape)}")
+    _check_kv_params("kv_unpack", packed, scale, zero, packed.shape[1], D)
+
+
 def ref_kv_unpack(packed, scale, zero, bits, D):
     """Packed [B, H, T, row] → float32 [B, H, T, D]."""
     codes = unpack_rows(packed, bits, D)
     return grid.dequantize(codes, scale.float()[None, :, None, :], zero[None, :, None, :])
+
+
+kv_unpack = _define(
+    "kv_unpack(Tensor packed, Tensor scale, Tensor zero, int bits, int D) -> Tensor",
+    check=_check_kv_unpack, reference=ref_kv_unpack,
+    fake=lambda packed, scale, zero, bits, D: packed.new_empty((*packed.shape[:-1], D), dtype=torch.float32))
+
+
+def _check_kv_append(cache, x, scale, zero, bits, pos):
+    op = "kv_append"
+    _check_bits(op, bits)
+    _check(x.dim() == 4 and x.dtype in _FLOATS, op, f"x must be a float [B, H, T, D], got {x.dtype} {tuple(x.shape)}")
+    b, h, t, d = x.shape
+    rb = kv_row_bytes(d, bits)
+    _check(cache.dtype == torch.uint8 and cache.dim() == 4 and tuple(cache.shape[:2]) == (b, h) and cache.shape[3] == rb,
+           op, f"cache must be uint8 [B={b}, H={h}, S, {rb}], got {cache.dtype} {tuple(cache.shape)}")
+    _check(cache.is_contiguous(), op, "cache must be contiguous (it is written in place)")
+    _check(0 <= pos and pos + t <= cache.shape[2], op, f"positions {pos}..{pos + t} do not fit a cache of "
+           f"{cache.shape[2]}")
+    _check_same_device(op, x, cache=cache)
+    _check_kv_params(op, x, scale, zero, h, d)
 
 
 def ref_kv_append(cache, x, scale, zero, bits, pos):
@@ -165,11 +388,40 @@ def ref_kv_append(cache, x, scale, zero, bits, pos):
     cache[:, :, pos:pos + x.shape[2]] = ref_kv_pack(x, scale, zero, bits)
 
 
+kv_append = _define(
+    "kv_append(Tensor(a!) cache, Tensor x, Tensor scale, Tensor zero, int bits, int pos) -> ()",
+    check=_check_kv_append, reference=ref_kv_append, fake=lambda cache, *a: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# decode_attention: attention of new queries over a packed KV cache, never materializing fp K/V
+# --------------------------------------------------------------------------------------------------
+def _check_decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bits, kv_len, scaling,
+                            p_bits=FP):
+    op = "decode_attention"
+    _check_bits(op, bits)
+    _check(q.dim() == 4 and q.dtype in _FLOATS, op, f"q must be a float [B, Hq, Tq, D], got {q.dtype} "
+           f"{tuple(q.shape)}")
+    b, hq, tq, d = q.shape
+    rb = kv_row_bytes(d, bits)
+    for name, kv in (("k_packed", k_packed), ("v_packed", v_packed)):
+        _check(kv.dtype == torch.uint8 and kv.dim() == 4 and kv.shape[0] == b and kv.shape[3] == rb, op,
+               f"{name} must be uint8 [B={b}, Hkv, S, {rb}], got {kv.dtype} {tuple(kv.shape)}")
+    _check(k_packed.shape == v_packed.shape, op, "k_packed and v_packed differ in shape")
+    hkv, s = k_packed.shape[1], k_packed.shape[2]
+    _check(hkv >= 1 and hq % hkv == 0, op, f"Hq={hq} is not a multiple of Hkv={hkv}")
+    _check(tq <= kv_len <= s, op, f"need Tq={tq} <= kv_len={kv_len} <= S={s}")
+    _check(1 <= p_bits <= FP, op, f"p_bits must be in 1..{FP}, got {p_bits}")
+    _check_same_device(op, q, k_packed=k_packed, v_packed=v_packed)
+    _check_kv_params(op, q, k_scale, k_zero, hkv, d)
+    _check_kv_params(op, q, v_scale, v_zero, hkv, d)
+
+
 def ref_decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bits, kv_len, scaling,
-                         p_bits=16):
+                         p_bits=FP):
     """softmax(q kᵀ · scaling) v over the first kv_len cached positions, causal for the Tq queries
     (query i sees positions ≤ kv_len − Tq + i), GQA (query head h reads kv head h // (Hq / Hkv)),
-    softmax in float32, P rounded to round(p·(2^p_bits−1))/(2^p_bits−1) when p_bits < 16."""
+    softmax in float32, P rounded to round(p·(2^p_bits−1))/(2^p_bits−1) when p_bits < FP."""
     b, hq, tq, d = q.shape
     hkv = k_packed.shape[1]
     k = ref_kv_unpack(k_packed[:, :, :kv_len], k_scale, k_zero, bits, d)
@@ -182,63 +434,35 @@ def ref_decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero
     kpos = torch.arange(kv_len, device=q.device)[None, :]
     scores = scores.masked_fill(kpos > qpos, float("-inf"))
     p = torch.softmax(scores, -1)
-    if p_bits < 16:
+    if p_bits < FP:
         levels = (1 << p_bits) - 1
         p = torch.round(p * levels) / levels
     return (p @ v).to(q.dtype)
 
 
-_REFERENCE = {name: globals()[f"ref_{name}"] for name in _SCHEMAS}
+decode_attention = _define(
+    "decode_attention(Tensor q, Tensor k_packed, Tensor v_packed, Tensor k_scale, Tensor k_zero, Tensor v_scale, "
+    f"Tensor v_zero, int bits, int kv_len, float scaling, int p_bits={FP}) -> Tensor",
+    check=_check_decode_attention, reference=ref_decode_attention, fake=lambda q, *a, **k: q.new_empty(q.shape))
 
 
 # --------------------------------------------------------------------------------------------------
-# Fake (meta) implementations
+# The compiled extension and the backend switch
 # --------------------------------------------------------------------------------------------------
-def _fake_linear(x, qweight, scales, *args, **kwargs):
-    return x.new_empty((*x.shape[:-1], scales.shape[0]))
-
-
-_FAKE = {
-    "pack_weight": lambda codes, bits: codes.new_empty((codes.shape[0], packed_row_bytes(codes.shape[1], bits))),
-    "unpack_weight": lambda packed, bits, N, K: packed.new_empty((N, K)),
-    "linear_a16": _fake_linear,
-    "linear_aq": _fake_linear,
-    "quantize_act": lambda x, *a: x.new_empty(x.shape, dtype=torch.uint8),
-    "fake_quant_act": lambda x, *a: x.new_empty(x.shape),
-    "fake_quant_act_token": lambda x, *a: x.new_empty(x.shape),
-    "reorder_norm": lambda x, *a, **k: x.new_empty(x.shape),
-    "kv_pack": lambda x, scale, zero, bits: x.new_empty((*x.shape[:-1], kv_row_bytes(x.shape[-1], bits)),
-                                                        dtype=torch.uint8),
-    "kv_unpack": lambda packed, scale, zero, bits, D: packed.new_empty((*packed.shape[:-1], D),
-                                                                       dtype=torch.float32),
-    "kv_append": lambda cache, *a: None,
-    "decode_attention": lambda q, *a, **k: q.new_empty(q.shape),
-}
-
-
-# --------------------------------------------------------------------------------------------------
-# Registration and the compiled extension
-# --------------------------------------------------------------------------------------------------
-def _register() -> None:
-    lib = torch.library.Library("rptq", "DEF")
-    for name, schema in _SCHEMAS.items():
-        lib.define(schema)
-        lib.impl(name, _REFERENCE[name], "CompositeExplicitAutograd")
-        torch.library.register_fake(f"rptq::{name}", _FAKE[name], lib=lib)
-    globals()["_LIB"] = lib
-
-
-_LIB = None
-_register()
-
 _C = None
 _LOAD_ERROR: str | None = None
 try:
     from rptq_cli import _C  # noqa: F811  (registers the CPU/CUDA kernels with TORCH_LIBRARY_IMPL)
 except ImportError as exc:  # not built: the reference runs
     _LOAD_ERROR = str(exc)
+    warnings.warn(
+        "rptq: compiled kernels not available (" + _LOAD_ERROR + "); running the pure-PyTorch reference, which "
+        "is slow. Build them with `make install` (pip install --no-build-isolation -e .).",
+        RuntimeWarning, stacklevel=2,
+    )
 
-_WARNED = False
+BACKENDS = ("compiled", "reference")
+_reference_override: torch.library.Library | None = None
 
 
 def compiled_available() -> bool:
@@ -246,26 +470,45 @@ def compiled_available() -> bool:
     return _C is not None
 
 
+def set_backend(name: str) -> str:
+    """Run every ``rptq::`` op on ``"reference"`` (checked PyTorch reference) or ``"compiled"`` (the kernels of
+    ``rptq_cli._C``, where the extension and the device have them) from now on; returns the previous choice.
+    The choice is a dispatcher registration: it holds for every caller of ``torch.ops.rptq``."""
+    global _reference_override
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous = "reference" if _reference_override is not None else "compiled"
+    if name == "reference" and _reference_override is None:
+        lib = torch.library.Library("rptq", "IMPL")
+        with warnings.catch_warnings():  # torch warns that it overrides the compiled kernels: that is the point
+            warnings.simplefilter("ignore")
+            for op, checked_reference in _CHECKED_REFERENCE.items():
+                for key in ("CPU", "CUDA"):
+                    lib.impl(op, checked_reference, key)
+        _reference_override = lib
+    elif name == "compiled" and _reference_override is not None:
+        _reference_override._destroy()  # the compiled kernels registered under CPU/CUDA take over again
+        _reference_override = None
+    return previous
+
+
+@contextlib.contextmanager
+def using_backend(name: str) -> Iterator[None]:
+    """``set_backend(name)`` for the duration of a ``with`` block."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
 def use_reference() -> bool:
-    """True when the reference implementations run (extension missing, or ``RPTQ_KERNELS=reference``)."""
-    global _WARNED
-    if os.environ.get("RPTQ_KERNELS", "").lower() == "reference":
-        return True
-    if _C is None:
-        if not _WARNED:
-            _WARNED = True
-            warnings.warn(
-                "rptq: compiled kernels not available (" + (_LOAD_ERROR or "unknown") + "); running the "
-                "pure-PyTorch reference, which is slow. Build them with `make install` "
-                "(pip install --no-build-isolation -e .).",
-                RuntimeWarning, stacklevel=3,
-            )
-        return True
-    return False
+    """True when the reference implementations run (extension missing, or the reference backend chosen)."""
+    return _C is None or _reference_override is not None
 
 
 def backend(device: torch.device | str | None = None) -> str:
-    """Which implementation the ops run on ``device`` (default CPU): ``"cpu-avx512vnni"``,
+    """Which implementation the ops run on ``device`` (default CPU): ``"cpu-amx"``, ``"cpu-avx512vnni"``,
     ``"cpu-avx2"``, ``"cpu-scalar"``, ``"cuda"`` or ``"reference"``."""
     if use_reference():
         return "reference"
@@ -274,231 +517,5 @@ def backend(device: torch.device | str | None = None) -> str:
     return "cpu-" + _C.cpu_isa()
 
 
-def _compiled(*tensors: torch.Tensor) -> bool:
-    if use_reference():
-        return False
-    dev = tensors[0].device.type
-    return dev == "cpu" or (dev == "cuda" and _C.has_cuda())
-
-
-# --------------------------------------------------------------------------------------------------
-# Input checks (clear errors before any kernel reads memory)
-# --------------------------------------------------------------------------------------------------
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-def _check_groups(group_sizes: torch.Tensor, total: int, what: str) -> None:
-    _check(group_sizes.dtype in (torch.int32, torch.int64) and group_sizes.dim() == 1,
-           f"{what}: group_sizes must be a 1-D int32 tensor, got {group_sizes.dtype} {tuple(group_sizes.shape)}")
-    _check(group_sizes.numel() >= 1 and bool((group_sizes > 0).all()),
-           f"{what}: group sizes must be positive")
-    _check(int(group_sizes.sum()) == total, f"{what}: group sizes sum to {int(group_sizes.sum())}, expected {total}")
-
-
-def _check_weight(name, x, qweight, scales, zeros, group_sizes, bits):
-    _check(bits in SUPPORTED_BITS, f"{name}: bits must be one of {SUPPORTED_BITS}, got {bits}")
-    _check(x.dtype in _FLOATS, f"{name}: x must be float32/float16/bfloat16, got {x.dtype}")
-    _check(x.dim() >= 1, f"{name}: x must have at least one dim")
-    k = x.shape[-1]
-    _check(qweight.dtype == torch.uint8 and qweight.dim() == 2,
-           f"{name}: qweight must be 2-D uint8, got {qweight.dtype} {tuple(qweight.shape)}")
-    _check(scales.dim() == 2 and scales.dtype in (torch.float16, torch.float32),
-           f"{name}: scales must be float16/float32 [N, G], got {scales.dtype} {tuple(scales.shape)}")
-    n, g = scales.shape
-    _check(qweight.shape == (n, packed_row_bytes(k, bits)),
-           f"{name}: qweight must be [N={n}, {packed_row_bytes(k, bits)}] for K={k} at {bits} bits, "
-           f"got {tuple(qweight.shape)}")
-    _check(zeros.dtype == torch.uint8 and tuple(zeros.shape) == (n, g),
-           f"{name}: zeros must be uint8 [N={n}, G={g}], got {zeros.dtype} {tuple(zeros.shape)}")
-    _check(group_sizes.numel() == g, f"{name}: {g} groups in scales but {group_sizes.numel()} group sizes")
-    _check_groups(group_sizes, k, name)
-
-
-def _check_act(name, x, act_scale, act_zero, group_sizes, bits):
-    _check(1 <= bits <= 8, f"{name}: activation bits must be in 1..8, got {bits}")
-    _check(x.dtype in _FLOATS, f"{name}: x must be a float tensor, got {x.dtype}")
-    _check(act_scale.dim() == 1 and act_zero.dim() == 1 and act_scale.numel() == group_sizes.numel()
-           and act_zero.numel() == group_sizes.numel(),
-           f"{name}: act_scale/act_zero must be 1-D with one entry per group ({group_sizes.numel()})")
-    _check(act_zero.dtype in (torch.int32, torch.int64), f"{name}: act_zero must be int32, got {act_zero.dtype}")
-    _check(act_scale.dtype.is_floating_point, f"{name}: act_scale must be float, got {act_scale.dtype}")
-    _check_groups(group_sizes, x.shape[-1], name)
-
-
-def _i32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
-
-
-# --------------------------------------------------------------------------------------------------
-# Public entry points
-# --------------------------------------------------------------------------------------------------
-def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [N, K] → packed uint8 [N, packed_row_bytes(K, bits)] (layout: rptq_cli/quant/pack.py)."""
-    if _compiled(codes):
-        return torch.ops.rptq.pack_weight.default(codes, bits)
-    _check(codes.dim() == 2 and codes.dtype == torch.uint8, "pack_weight: codes must be uint8 [N, K]")
-    _check(bits in SUPPORTED_BITS, f"pack_weight: bits must be one of {SUPPORTED_BITS}")
-    _check(codes.numel() == 0 or int(codes.max()) < (1 << bits), f"pack_weight: a code exceeds the {bits}-bit range")
-    return ref_pack_weight(codes, bits)
-
-
-def unpack_weight(packed: torch.Tensor, bits: int, N: int, K: int) -> torch.Tensor:
-    """Packed uint8 [N, packed_row_bytes(K)] → uint8 codes [N, K]."""
-    if _compiled(packed):
-        return torch.ops.rptq.unpack_weight.default(packed, bits, N, K)
-    _check(bits in SUPPORTED_BITS, f"unpack_weight: bits must be one of {SUPPORTED_BITS}")
-    _check(packed.dtype == torch.uint8 and tuple(packed.shape) == (N, packed_row_bytes(K, bits)),
-           f"unpack_weight: packed must be uint8 [{N}, {packed_row_bytes(K, bits)}], got "
-           f"{packed.dtype} {tuple(packed.shape)}")
-    return ref_unpack_weight(packed, bits, N, K)
-
-
-def linear_a16(x, qweight, scales, zeros, group_sizes, bits, bias=None):
-    """Weight-only quantized linear: ``x [.., K] @ W.T + bias → [.., N]`` in x's dtype.
-    GEMV kernel for ≤ 8 rows (decode), GEMM for more (prefill)."""
-    if _compiled(x):
-        return torch.ops.rptq.linear_a16.default(x, qweight, scales, zeros, group_sizes, bits, bias)
-    _check_weight("linear_a16", x, qweight, scales, zeros, group_sizes, bits)
-    _check(bias is None or bias.shape == (scales.shape[0],), "linear_a16: bias must be [N]")
-    return ref_linear_a16(x, qweight, scales, zeros, group_sizes, bits, bias)
-
-
-def linear_aq(x, qweight, scales, zeros, group_sizes, bits, act_scale, act_zero, act_bits, bias=None):
-    """Weight-and-activation quantized linear: x is quantized per weight group on (act_scale, act_zero)
-    at act_bits; compiled kernels use integer (VNNI) dot products and apply the scales in the epilogue."""
-    if _compiled(x):
-        return torch.ops.rptq.linear_aq.default(x, qweight, scales, zeros, group_sizes, bits, act_scale, act_zero,
-                                                act_bits, bias)
-    _check_weight("linear_aq", x, qweight, scales, zeros, group_sizes, bits)
-    _check_act("linear_aq", x, act_scale, act_zero, group_sizes, act_bits)
-    _check(bias is None or bias.shape == (scales.shape[0],), "linear_aq: bias must be [N]")
-    return ref_linear_aq(x, qweight, scales, zeros, group_sizes, bits, act_scale, act_zero, act_bits, bias)
-
-
-def quantize_act(x, act_scale, act_zero, act_group_sizes, bits):
-    """Activation codes (uint8, shape of x) on per-channel-group grids."""
-    if _compiled(x):
-        return torch.ops.rptq.quantize_act.default(x, act_scale, act_zero, act_group_sizes, bits)
-    _check_act("quantize_act", x, act_scale, act_zero, act_group_sizes, bits)
-    return ref_quantize_act(x, act_scale, act_zero, act_group_sizes, bits)
-
-
-def fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits):
-    """Quantize-dequantize x on per-channel-group grids; returns x's dtype."""
-    if _compiled(x):
-        return torch.ops.rptq.fake_quant_act.default(x, act_scale, act_zero, act_group_sizes, bits)
-    _check_act("fake_quant_act", x, act_scale, act_zero, act_group_sizes, bits)
-    return ref_fake_quant_act(x, act_scale, act_zero, act_group_sizes, bits)
-
-
-def fake_quant_act_token(x, act_group_sizes, clip, bits):
-    """Quantize-dequantize each token on its own per-group grids: scale and zero from the token's min/max in
-    the group times the group's ``clip`` ratio (float32 [G])."""
-    if _compiled(x) and x.device.type == "cpu":  # CUDA: the reference (no CUDA kernel yet)
-        return torch.ops.rptq.fake_quant_act_token.default(x, act_group_sizes, clip, bits)
-    _check(1 <= bits <= 8, f"fake_quant_act_token: activation bits must be in 1..8, got {bits}")
-    _check(x.dtype in _FLOATS, f"fake_quant_act_token: x must be a float tensor, got {x.dtype}")
-    _check_groups(act_group_sizes, x.shape[-1], "fake_quant_act_token")
-    _check(clip.dim() == 1 and clip.numel() == act_group_sizes.numel() and clip.dtype.is_floating_point,
-           f"fake_quant_act_token: clip must be float [{act_group_sizes.numel()}], one ratio per group")
-    return ref_fake_quant_act_token(x, act_group_sizes, clip, bits)
-
-
-def reorder_norm(x, perm, weight, bias, eps, rms, act_scale=None, act_zero=None, act_group_sizes=None,
-                 act_bits=16):
-    """Fused gather + LayerNorm/RMSNorm (+ optional output fake-quant): ``norm(x[..., perm]) * weight + bias``."""
-    if _compiled(x):
-        return torch.ops.rptq.reorder_norm.default(x, perm, weight, bias, float(eps), bool(rms), act_scale, act_zero,
-                                                   act_group_sizes, act_bits)
-    c = x.shape[-1]
-    _check(x.dtype in _FLOATS, f"reorder_norm: x must be a float tensor, got {x.dtype}")
-    _check(perm.dim() == 1 and perm.numel() == c and perm.dtype in (torch.int64, torch.int32),
-           f"reorder_norm: perm must be an int64 [C={c}] tensor, got {perm.dtype} {tuple(perm.shape)}")
-    _check(weight.shape == (c,), f"reorder_norm: weight must be [C={c}], got {tuple(weight.shape)}")
-    _check(bias is None or bias.shape == (c,), f"reorder_norm: bias must be [C={c}]")
-    if perm.numel() and perm.device.type == "cpu":
-        _check(int(perm.min()) >= 0 and int(perm.max()) < c, "reorder_norm: perm has an index out of [0, C)")
-    if act_bits < 16:
-        _check(act_scale is not None and act_zero is not None and act_group_sizes is not None,
-               "reorder_norm: act_bits < 16 needs act_scale, act_zero and act_group_sizes")
-        _check_act("reorder_norm", x, act_scale, act_zero, act_group_sizes, act_bits)
-        act_scale, act_zero, act_group_sizes = _f32(act_scale), _i32(act_zero), _i32(act_group_sizes)
-    return ref_reorder_norm(x, perm.long(), weight, bias, eps, rms, act_scale, act_zero, act_group_sizes,
-                            act_bits)
-
-
-def _check_kv_params(name, scale, zero, h, d, bits):
-    _check(bits in SUPPORTED_BITS, f"{name}: bits must be one of {SUPPORTED_BITS}, got {bits}")
-    _check(tuple(scale.shape) == (h, d) and scale.dtype.is_floating_point,
-           f"{name}: scale must be float [H={h}, D={d}], got {scale.dtype} {tuple(scale.shape)}")
-    _check(tuple(zero.shape) == (h, d) and zero.dtype in (torch.int32, torch.int64),
-           f"{name}: zero must be int32 [H={h}, D={d}], got {zero.dtype} {tuple(zero.shape)}")
-
-
-def kv_pack(x, scale, zero, bits):
-    """Quantize x [B, H, T, D] per channel (scale/zero [H, D]) → uint8 [B, H, T, kv_row_bytes(D, bits)]."""
-    if _compiled(x):
-        return torch.ops.rptq.kv_pack.default(x, scale, zero, bits)
-    _check(x.dim() == 4 and x.dtype in _FLOATS, f"kv_pack: x must be a float [B, H, T, D], got {x.dtype} {tuple(x.shape)}")
-    _check_kv_params("kv_pack", scale, zero, x.shape[1], x.shape[3], bits)
-    return ref_kv_pack(x, scale, zero, bits)
-
-
-def kv_unpack(packed, scale, zero, bits, D):
-    """Packed [B, H, T, kv_row_bytes(D)] → float32 [B, H, T, D]."""
-    if _compiled(packed):
-        return torch.ops.rptq.kv_unpack.default(packed, scale, zero, bits, D)
-    _check(packed.dim() == 4 and packed.dtype == torch.uint8, "kv_unpack: packed must be uint8 [B, H, T, row]")
-    _check(packed.shape[-1] == kv_row_bytes(D, bits) if bits in SUPPORTED_BITS else False,
-           f"kv_unpack: rows must have kv_row_bytes({D}, {bits}) bytes, got {packed.shape[-1]}")
-    _check_kv_params("kv_unpack", scale, zero, packed.shape[1], D, bits)
-    return ref_kv_unpack(packed, scale, zero, bits, D)
-
-
-def kv_append(cache, x, scale, zero, bits, pos):
-    """Quantize x [B, H, T, D] and write it into ``cache[:, :, pos:pos+T]`` (cache: uint8 [B, H, S, row])."""
-    if _compiled(x):
-        torch.ops.rptq.kv_append.default(cache, x, scale, zero, bits, pos)
-        return
-    _check(x.dim() == 4 and x.dtype in _FLOATS, f"kv_append: x must be a float [B, H, T, D], got {tuple(x.shape)}")
-    b, h, t, d = x.shape
-    _check_kv_params("kv_append", scale, zero, h, d, bits)
-    _check(cache.dtype == torch.uint8 and cache.dim() == 4 and cache.shape[0] == b and cache.shape[1] == h
-           and cache.shape[3] == kv_row_bytes(d, bits),
-           f"kv_append: cache must be uint8 [B={b}, H={h}, S, {kv_row_bytes(d, bits)}], got "
-           f"{cache.dtype} {tuple(cache.shape)}")
-    _check(cache.is_contiguous(), "kv_append: cache must be contiguous")
-    _check(0 <= pos and pos + t <= cache.shape[2],
-           f"kv_append: positions {pos}..{pos + t} do not fit a cache of {cache.shape[2]}")
-    ref_kv_append(cache, x, scale, zero, bits, pos)
-
-
-def decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bits, kv_len, scaling, p_bits=16):
-    """Attention of q [B, Hq, Tq, D] over the first kv_len positions of a packed KV cache
-    ([B, Hkv, S, kv_row_bytes(D)]), causal for the Tq new queries, GQA; returns q's dtype.
-    Compiled kernels dequantize in registers and never materialize fp K/V."""
-    if _compiled(q):
-        return torch.ops.rptq.decode_attention.default(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bits,
-                                                       int(kv_len), float(scaling), int(p_bits))
-    _check(q.dim() == 4 and q.dtype in _FLOATS, f"decode_attention: q must be a float [B, Hq, Tq, D], got {tuple(q.shape)}")
-    b, hq, tq, d = q.shape
-    _check(bits in SUPPORTED_BITS, f"decode_attention: bits must be one of {SUPPORTED_BITS}")
-    for name, kv in (("k_packed", k_packed), ("v_packed", v_packed)):
-        _check(kv.dtype == torch.uint8 and kv.dim() == 4 and kv.shape[0] == b and kv.shape[3] == kv_row_bytes(d, bits),
-               f"decode_attention: {name} must be uint8 [B={b}, Hkv, S, {kv_row_bytes(d, bits)}], got "
-               f"{kv.dtype} {tuple(kv.shape)}")
-    _check(k_packed.shape == v_packed.shape, "decode_attention: k_packed and v_packed differ in shape")
-    hkv = k_packed.shape[1]
-    _check(hkv >= 1 and hq % hkv == 0, f"decode_attention: Hq={hq} is not a multiple of Hkv={hkv}")
-    _check(tq <= kv_len <= k_packed.shape[2], f"decode_attention: need Tq={tq} ≤ kv_len={kv_len} ≤ S={k_packed.shape[2]}")
-    _check(1 <= p_bits <= 16, f"decode_attention: p_bits must be in 1..16, got {p_bits}")
-    _check_kv_params("decode_attention", k_scale, k_zero, hkv, d, bits)
-    _check_kv_params("decode_attention", v_scale, v_zero, hkv, d, bits)
-    return ref_decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bits, kv_len, scaling,
-                                p_bits)
+if os.environ.get("RPTQ_KERNELS", "").lower() == "reference":
+    set_backend("reference")

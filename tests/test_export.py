@@ -223,7 +223,7 @@ def test_provenance_and_config(checkpoint):
     assert oct(os.stat(path).st_mode & 0o777) != oct(0o700)
 
 
-def test_compiled_kernels_match_the_reference_backend(checkpoint, monkeypatch):
+def test_compiled_kernels_match_the_reference_backend(checkpoint):
     """`rptq eval` on a checkpoint runs the compiled kernels by default; the reference gives the same ppl."""
     from rptq_cli import kernels
     if not kernels.compiled_available():
@@ -234,9 +234,8 @@ def test_compiled_kernels_match_the_reference_backend(checkpoint, monkeypatch):
         model, _ = simulated("opt", config, hidden=64, heads=2)
         text = tok(corpus_text(), return_tensors="pt").input_ids
         compiled = perplexity(model, text, seqlen=64, progress=False)["ppl"]
-        monkeypatch.setenv("RPTQ_KERNELS", "reference")
-        reference = perplexity(model, text, seqlen=64, progress=False)["ppl"]
-        monkeypatch.delenv("RPTQ_KERNELS")
+        with kernels.using_backend("reference"):
+            reference = perplexity(model, text, seqlen=64, progress=False)["ppl"]
         assert abs(compiled - reference) / reference < 1e-3, (compiled, reference)
 
 

@@ -4,10 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rptq_cli import kernels
 from rptq_cli.quant import pack
-from rptq_cli.quant.pack import (
-    ideal_bytes, pack_rows, pack_weight, pack_zeros, packed_row_bytes, unpack_rows, unpack_weight, unpack_zeros,
-)
+from rptq_cli.quant.pack import ideal_bytes, pack_rows, pack_zeros, packed_row_bytes, unpack_rows, unpack_zeros
 
 BITS = (2, 3, 4, 8)
 
@@ -36,10 +35,10 @@ def codes_and_bits(draw):
 @given(codes_and_bits())
 def test_pack_unpack_identity(cb):
     codes, bits = cb
-    packed = pack_weight(codes, bits)
+    packed = pack_rows(codes, bits)
     assert packed.dtype == torch.uint8
     assert packed.shape == (codes.shape[0], packed_row_bytes(codes.shape[1], bits))
-    assert torch.equal(unpack_weight(packed, bits, *codes.shape), codes)
+    assert torch.equal(unpack_rows(packed, bits, codes.shape[1]), codes)
 
 
 @settings(max_examples=60, deadline=None)
@@ -80,7 +79,10 @@ def test_block_layouts_documented():
 @pytest.mark.parametrize("n,k,g", [(4096, 4096, 32), (11008, 4096, 32), (4096, 11008, 32), (4096, 4096, 1),
                                    (4096, 4096, 32), (4096, 4096, 4096 // 128), (5120, 13824, 32)])
 def test_checkpoint_size_within_2_percent(bits, n, k, g):
-    stored = n * packed_row_bytes(k, bits) + n * g * 2 + packed_row_bytes(n * g, bits)  # codes + fp16 scales + zeros
+    """The bytes the packers actually write (one weight row, measured, times N; the zero stream; fp16 scales)."""
+    row = pack_rows(torch.zeros(1, k, dtype=torch.uint8), bits).numel()
+    zeros = pack_zeros(torch.zeros(n, g, dtype=torch.uint8), bits).numel()
+    stored = n * row + zeros + n * g * torch.finfo(torch.float16).bits // 8
     assert stored <= 1.02 * ideal_bytes(n, k, g, bits)
 
 
@@ -89,12 +91,12 @@ def test_three_bit_wastes_nothing():
 
 
 @pytest.mark.parametrize("bad", [
-    lambda: pack_weight(torch.zeros(2, 3, dtype=torch.int32), 4),
-    lambda: pack_weight(torch.full((2, 3), 16, dtype=torch.uint8), 4),
-    lambda: pack_weight(torch.zeros(2, 3, dtype=torch.uint8), 5),
-    lambda: pack_weight(torch.zeros(6, dtype=torch.uint8), 4),
-    lambda: unpack_weight(torch.zeros(2, 15, dtype=torch.uint8), 4, 2, 32),
-    lambda: unpack_weight(torch.zeros(3, 16, dtype=torch.uint8), 4, 2, 32),
+    lambda: pack_rows(torch.zeros(2, 3, dtype=torch.int32), 4),
+    lambda: pack_rows(torch.full((2, 3), 16, dtype=torch.uint8), 4),
+    lambda: pack_rows(torch.zeros(2, 3, dtype=torch.uint8), 5),
+    lambda: kernels.pack_weight(torch.zeros(6, dtype=torch.uint8), 4),  # a weight is 2-D
+    lambda: unpack_rows(torch.zeros(2, 15, dtype=torch.uint8), 4, 32),
+    lambda: kernels.unpack_weight(torch.zeros(3, 16, dtype=torch.uint8), 4, 2, 32),
     lambda: unpack_rows(torch.zeros(2, 16, dtype=torch.int8), 4, 32),
     lambda: unpack_zeros(torch.zeros(2, 16, dtype=torch.uint8), 4, 2, 16),
 ])
@@ -105,3 +107,4 @@ def test_misuse_raises(bad):
 
 def test_block_constants():
     assert pack.BLOCK == 32 and [pack.block_bytes(b) for b in BITS] == [8, 12, 16, 32]
+    assert [pack_rows(torch.zeros(pack.BLOCK, dtype=torch.uint8), b).numel() for b in BITS] == [8, 12, 16, 32]

@@ -11,15 +11,24 @@
 // into code that runs on an older CPU through a shared inline function.
 //
 // Conventions: x float32 row-major [M, K]; weights in the block_q{bits} layout of
-// rptq_cli/quant/pack.py ([N, row_bytes(K)]); scales float32 [N, G]; zeros uint8 [N, G];
+// rptq_cli/quant/pack.py and ../layouts.h ([N, row_bytes(K)]); scales float32 [N, G]; zeros uint8 [N, G];
 // group_sizes int32 [G] (Σ = K); KV rows [B, H, S, row_bytes(D)].
 #pragma once
 #include <cstdint>
 
+#include "../layouts.h"
+
 namespace rptq_cpu {
 
-// static: every ISA's translation unit keeps its own copy (no shared inline symbol built for another ISA)
-static inline int64_t row_bytes(int64_t len, int bits) { return (len + 31) / 32 * 4 * bits; }
+using rptq_layout::block_bytes;
+using rptq_layout::row_bytes;
+
+// Rows of x at or below this run the GEMV kernels (decode: the weight stream dominates); above, the GEMM
+// paths (prefill). The GEMV kernels are compiled for 1..kGemvMaxRows rows (generic.inc: with_rows).
+constexpr int64_t kGemvMaxRows = 8;
+// The integer (VNNI/AMX) GEMM takes weights of at most this many bits: their codes (< 16) are a valid s8
+// operand of vpdpbusd.
+constexpr int kIntGemmMaxBits = 4;
 
 struct KernelTable {
   const char* isa;
@@ -30,21 +39,21 @@ struct KernelTable {
                          int G, int64_t N, int64_t K, int bits, float* out);
   void (*linear_a16)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                      const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y);
-  // integer (VNNI) GEMM for > 8 rows and ≤ 4-bit weights; null where the ISA has none (ops.cpp then runs
-  // fake_quant(x) through linear_a16, the same math)
+  // integer (VNNI) GEMM for > kGemvMaxRows rows and ≤ kIntGemmMaxBits-bit weights; null where the ISA has
+  // none (ops.cpp then runs fake_quant(x) through linear_a16, the same math). Throws std::invalid_argument
+  // when called outside that contract (it never leaves y unwritten).
   void (*linear_aq)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                     const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                     const int32_t* act_zero, int act_bits, const float* bias, float* y);
-  // codes (may be null) and/or fake-quantized values (may be null) of x [rows, C]
-  void (*quantize_act)(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
-                       const int32_t* gs, int G, int bits, uint8_t* codes, float* fq);
+  // fake-quantized x [rows, C] on static per-group grids
+  void (*fake_quant_act)(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
+                         const int32_t* gs, int G, int bits, float* fq);
   // fake-quantized x [rows, C] on per-token grids: each row's own (scale, zero) per group from its min/max
   // times the group's clip ratio
   void (*quantize_act_token)(const float* x, int64_t rows, int64_t C, const int32_t* gs, const float* clip, int G,
                              int bits, float* fq);
   void (*reorder_norm)(const float* x, int64_t rows, int64_t C, const int64_t* perm, const float* w,
-                       const float* b, float eps, int rms, const float* act_scale, const int32_t* act_zero,
-                       const int32_t* act_gs, int act_G, int act_bits, float* y);
+                       const float* b, float eps, int rms, float* y);
   // x [B*H slabs of T rows of D] → rows of packed codes; slab i (head i % H) written at out + i*out_slab
   void (*kv_pack)(const float* x, int64_t BH, int64_t H, int64_t T, int64_t D, const float* scale,
                   const int32_t* zero, int bits, uint8_t* out, int64_t out_slab);

@@ -38,7 +38,7 @@ inline __m256i unpack8(const uint8_t* row, int64_t c) {
     const __m256i v = load8(row + (c >> 2) * 16 + (q & 1) * 8);
     return _mm256_and_si256(_mm256_srli_epi32(v, (q >> 1) * 4), _mm256_set1_epi32(15));
   } else {
-    const uint8_t* blk = row + (c >> 2) * (4 * BITS);
+    const uint8_t* blk = row + (c >> 2) * block_bytes(BITS);
     const int q = int(c & 3);
     __m256i v = _mm256_and_si256(_mm256_srli_epi32(load8(blk), 2 * q), _mm256_set1_epi32(3));
     if constexpr (BITS == 3) {
@@ -121,7 +121,7 @@ void gemv(int64_t M, const float* xs, const Segments& sg, const float* xsum, con
 
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                   const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y) {
-  if (M > 8 || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
+  if (M > kGemvMaxRows || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
   const int MT = M <= 4 ? int(M) : 8;  // template row count (padding rows are zero and not stored)
   Segments sg;
   sg.build(gs, G, 8);

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <omp.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -36,7 +37,7 @@ inline __m512i unpack16(const uint8_t* row, int64_t c) {
     if (c & 1) v = _mm512_srli_epi32(v, 4);
     return _mm512_and_si512(v, _mm512_set1_epi32(15));
   } else {
-    const uint8_t* blk = row + (c >> 1) * (4 * BITS);
+    const uint8_t* blk = row + (c >> 1) * block_bytes(BITS);
     uint64_t lo;
     std::memcpy(&lo, blk, 8);
     const int h = int(c & 1);
@@ -84,18 +85,6 @@ inline int32_t quantize_span(const float* x, int64_t len, float inv, int32_t zer
     sum = _mm512_add_epi32(sum, q);
   }
   return _mm512_reduce_add_epi32(sum);
-}
-
-void v_quantize_act(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
-                    const int32_t* gs, int G, int bits, uint8_t* codes, float* fq) {
-  if (!codes || fq) return g_quantize_act(x, rows, C, scale, zero, gs, G, bits, codes, fq);
-  Buf<int64_t> off(G + 1);
-  group_offsets(gs, G, off.p);
-  const int qmax = (1 << bits) - 1;
-#pragma omp parallel for schedule(static) if (rows * C > kParallelMin)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int g = 0; g < G; ++g)
-      quantize_span(x + r * C + off[g], off[g + 1] - off[g], 1.0f / scale[g], zero[g], qmax, codes + r * C + off[g]);
 }
 
 // Stage the activations of every segment, group-masked and segment-major (xs[s][m][width], width 16 or 32, the
@@ -251,8 +240,8 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
         for (int m = 0; m < M; ++m) bl[m] = bh[m] = _mm512_setzero_ps();
         for (; s + 2 <= s1; s += 2) {
           __m512 wl0, wh0, wl1, wh1;
-          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * (4 * BITS)), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s + 1] * (4 * BITS)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * block_bytes(BITS)), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s + 1] * block_bytes(BITS)), _MM_HINT_T0);
           dec(row, sg.chunk[s], wl0, wh0);
           dec(row, sg.chunk[s + 1], wl1, wh1);
           const float* xv = xs + s * 32 * M;
@@ -272,7 +261,7 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
       }
       for (; s < s1; ++s) {
         __m512 wl, wh;
-        _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * (4 * BITS)), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pf + sg.chunk[s] * block_bytes(BITS)), _MM_HINT_T0);
         dec(row, sg.chunk[s], wl, wh);
         const float* xv = xs + s * 32 * M;
 #pragma GCC unroll 8
@@ -422,7 +411,7 @@ bool use_ex_gemv() {
 
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                   const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y) {
-  if (M > 8 || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
+  if (M > kGemvMaxRows || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
   if (bits == 4 && M <= 3 && use_ex_gemv() && v_gemv4_ex(x, M, qw, scales, zeros, gs, G, N, K, bias, y)) return;
   if (bits == 4) return v_gemvb<4>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   if (bits == 3) return v_gemvb<3>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
@@ -433,12 +422,9 @@ void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* sca
   Buf<float> xsum(M * G);
   stage_segments(x, M, K, sg, G, 16, 1.0f, xs.p, xsum.p);
   const int64_t rb = row_bytes(K, bits);
-  switch (bits) {
-    case 2: return gemv<2>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 3: return gemv<3>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    case 4: return gemv<4>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-    default: return gemv<8>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
-  }
+  // 3 and 4 bits took the block kernels above; 2 and 8 bits decode 16 codes a chunk
+  if (bits == 2) return gemv<2>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
+  return gemv<8>(M, xs.p, sg, xsum.p, qw, rb, scales, zeros, G, N, bias, y);
 }
 
 // ---- W{2,3,4}A{≤8} integer GEMM with VNNI ------------------------------------------------------------
@@ -585,8 +571,11 @@ inline void tile_group_params(const Segments& sg, const int64_t* off, int G, con
 void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                  const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                  const int32_t* act_zero, int act_bits, const float* bias, float* y) {
-  // ops.cpp sends only > 8 rows and weights of ≤ 4 bits here (codes must be a valid s8 operand)
-  if (bits > 4 || M < 1 || K < 1 || N < 1) return;
+  // ops.cpp sends only > kGemvMaxRows rows and weights of ≤ kIntGemmMaxBits bits here (codes must be a
+  // valid s8 operand), and K ≥ 1 (otherwise y is the bias alone, which this kernel does not write)
+  if (bits > kIntGemmMaxBits || K < 1)
+    throw std::invalid_argument("rptq: the VNNI GEMM needs K >= 1 and weights of at most 4 bits");
+  if (M < 1 || N < 1) return;  // y is empty
   Buf<int64_t> off(G + 1);
   group_offsets(gs, G, off.p);
   Segments sg;
@@ -814,7 +803,6 @@ void fill_avx512(KernelTable* t) {
   t->linear_a16 = avx512::v_linear_a16;
   t->linear_aq = avx512::v_linear_aq;
   t->dequant_weight = avx512::v_dequant_weight;
-  t->quantize_act = avx512::v_quantize_act;
   t->decode_attention = avx512::simd_decode_attention<avx512::Attention>;
   t->isa = "avx512vnni";
 }
@@ -842,7 +830,9 @@ constexpr int kAmxMB = 32;
 void v_linear_aq_amx(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                      const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
                      const int32_t* act_zero, int act_bits, const float* bias, float* y) {
-  if (bits > 4 || M < 1 || K < 1 || N < 1) return;
+  if (bits > kIntGemmMaxBits || K < 1)
+    throw std::invalid_argument("rptq: the AMX GEMM needs K >= 1 and weights of at most 4 bits");
+  if (M < 1 || N < 1) return;  // y is empty
   Buf<int64_t> off(G + 1);
   group_offsets(gs, G, off.p);
   Segments sg4, sg64;

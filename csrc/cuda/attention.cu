@@ -21,6 +21,10 @@ namespace rptq_cuda {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kCombineThreads = 128;
+constexpr int kWavesPerSm = 4;       // split blocks per multiprocessor a decode step aims for
+constexpr int64_t kMinSplitLen = 64;   // positions a split block handles at least (and the rounding unit)
+constexpr int64_t kMaxSplitLen = 1024; // and at most: the scores of a split live in shared memory
 enum Mode { kOnline = 0, kStats = 1, kFixed = 2 };
 
 __device__ __forceinline__ float nib(uint32_t w, int shift) {
@@ -120,10 +124,10 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(Params P) {
   }
   qz = block_reduce(qz, red, false);  // also the barrier that publishes qs
 
-  const int row_bytes = ((D + 31) / 32) * 4 * P.bits;
+  const int64_t rb = row_bytes(D, P.bits);
   const int64_t head_row0 = ((int64_t)b * P.Hkv + hkv) * P.S + s0;  // first row of this split
-  const uint8_t* krows = P.kc + head_row0 * row_bytes;
-  const uint8_t* vrows = P.vc + head_row0 * row_bytes;
+  const uint8_t* krows = P.kc + head_row0 * rb;
+  const uint8_t* vrows = P.vc + head_row0 * rb;
 
   // ---- scores ----
   if constexpr (kFast) {
@@ -139,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(Params P) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int p = p0 + u * kPosPerIter;
-        w[u] = p < n ? __ldg(reinterpret_cast<const uint4*>(krows + (int64_t)p * row_bytes) + j) : make_uint4(0, 0, 0, 0);
+        w[u] = p < n ? __ldg(reinterpret_cast<const uint4*>(krows + (int64_t)p * rb) + j) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -152,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(Params P) {
     }
   } else {
     for (int p = threadIdx.x; p < n; p += blockDim.x) {
-      const uint8_t* row = krows + (int64_t)p * row_bytes;
+      const uint8_t* row = krows + (int64_t)p * rb;
       float s = 0.f;
       for (int d = 0; d < D; ++d) s = fmaf(qs[d], static_cast<float>(get_code(row, d, P.bits)), s);
       scores[p] = s - qz;
@@ -205,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(Params P) {
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int p = p0 + u * kPosPerIter;
-        w[u] = p < n ? __ldg(reinterpret_cast<const uint4*>(vrows + (int64_t)p * row_bytes) + j) : make_uint4(0, 0, 0, 0);
+        w[u] = p < n ? __ldg(reinterpret_cast<const uint4*>(vrows + (int64_t)p * rb) + j) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
@@ -234,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) attn_split_kernel(Params P) {
   } else {
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
       float s = 0.f;
-      for (int p = 0; p < n; ++p) s = fmaf(scores[p], static_cast<float>(get_code(vrows + (int64_t)p * row_bytes, d, P.bits)), s);
+      for (int p = 0; p < n; ++p) s = fmaf(scores[p], static_cast<float>(get_code(vrows + (int64_t)p * rb, d, P.bits)), s);
       po[d] = vs[d] * (s - static_cast<float>(vz[d]) * l);
     }
   }
@@ -301,18 +305,14 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                  const at::Tensor& k_scale_in, const at::Tensor& k_zero_in,
                                  const at::Tensor& v_scale_in, const at::Tensor& v_zero_in, int64_t bits,
                                  int64_t kv_len, double scaling, int64_t p_bits) {
-  check_bits(bits);
-  RPTQ_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "decode_attention: 4-D q, k, v expected");
+  rptq_checks::check_decode_attention(q_in, k_in, v_in, k_scale_in, k_zero_in, v_scale_in, v_zero_in, bits, kv_len,
+                                      p_bits);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous();
   const at::Tensor kc = k_in.contiguous();
   const at::Tensor vc = v_in.contiguous();
   const int B = (int)q.size(0), Hq = (int)q.size(1), Tq = (int)q.size(2), D = (int)q.size(3);
   const int Hkv = (int)kc.size(1), S = (int)kc.size(2);
-  RPTQ_CHECK(Hkv >= 1 && Hq % Hkv == 0, "decode_attention: Hq must be a multiple of Hkv");
-  RPTQ_CHECK(kc.size(3) == packed_row_bytes(D, bits) && kc.sizes() == vc.sizes(),
-             "decode_attention: k/v caches must be [B, Hkv, S, packed_row_bytes(D)]");
-  RPTQ_CHECK(Tq <= kv_len && kv_len <= S, "decode_attention: need Tq <= kv_len <= S");
   const auto f32 = [&](const at::Tensor& t) { return t.to(q.device(), at::kFloat).contiguous(); };
   const auto i32 = [&](const at::Tensor& t) { return t.to(q.device(), at::kInt).contiguous(); };
   const at::Tensor k_scale = f32(k_scale_in), v_scale = f32(v_scale_in);
@@ -321,14 +321,11 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   const int bht = B * Hq * Tq;
   if (bht == 0 || D == 0) return out;
 
-  // Split length: enough blocks to fill the GPU several times, at most 1024 positions a block.
-  int sms = 132;
-  {
-    int dev = q.get_device();
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  }
-  const int64_t want_splits = ceil_div(4 * sms, bht);
-  int split_len = (int)std::min<int64_t>(1024, std::max<int64_t>(64, ceil_div(ceil_div(kv_len, want_splits), 64) * 64));
+  // Split length: enough blocks to fill the GPU kWavesPerSm times, kMinSplitLen..kMaxSplitLen positions a block
+  // (a multiple of kMinSplitLen).
+  const int64_t want_splits = ceil_div(kWavesPerSm * device_limits(q.get_device()).sms, bht);
+  const int split_len = (int)std::min<int64_t>(
+      kMaxSplitLen, std::max<int64_t>(kMinSplitLen, ceil_div(ceil_div(kv_len, want_splits), kMinSplitLen) * kMinSplitLen));
   const int nsplit = (int)ceil_div(kv_len, split_len);
 
   auto fopt = q.options().dtype(at::kFloat);
@@ -346,18 +343,18 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
   P.B = B; P.Hq = Hq; P.Hkv = Hkv; P.Tq = Tq; P.S = S; P.D = D; P.bits = (int)bits; P.kv_len = (int)kv_len;
   P.split_len = split_len; P.nsplit = nsplit;
   P.scaling = static_cast<float>(scaling);
-  P.levels = static_cast<float>((1 << std::min<int64_t>(p_bits, 16)) - 1);
+  P.levels = static_cast<float>((1 << std::min<int64_t>(p_bits, rptq_checks::kFloatBits)) - 1);
   P.part_o = part_o.data_ptr<float>();
   P.part_m = part_m.data_ptr<float>();
   P.part_l = part_l.data_ptr<float>();
   const dim3 grid(nsplit, Hq * Tq, B);
   const size_t smem = sizeof(float) * (D + 32 + split_len + (kThreads / 32) * D);
   const auto stream = current_stream();
-  const int cthreads = 128;
+  const int cthreads = kCombineThreads;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rptq_decode_attention", [&] {
     using T = scalar_t;
-    if (p_bits >= 16) {
+    if (p_bits >= rptq_checks::kFloatBits) {  // P stays in floating point
       launch_split_dispatch<T, kOnline>(P, grid, smem);
       attn_combine_kernel<T, kOnline><<<bht, cthreads, 0, stream>>>(P.part_o, P.part_m, P.part_l, nsplit, bht, D,
                                                                     nullptr, out.data_ptr<T>());

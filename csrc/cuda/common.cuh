@@ -1,8 +1,9 @@
 // Shared helpers of the rptq CUDA kernels (sm_80+).
 //
 // The packed layouts are those of rptq_cli/quant/pack.py (block_q{2,3,4,8}: 32 codes of a row in
-// 4*bits bytes); the grid is rptq_cli/quant/grid.py. Every kernel here follows those two files, so the
-// checkpoint layout is used as is: no repacking at load time.
+// 4*bits bytes), written down for C++ in ../layouts.h; the grid is rptq_cli/quant/grid.py. Every kernel
+// here follows them, so the checkpoint layout is used as is: no repacking at load time. Every op wrapper
+// calls its check from ../checks.h first (the same checks as the CPU wrappers).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -17,24 +18,49 @@
 
 #include <cstdint>
 
+#include "../checks.h"
+#include "../layouts.h"
+
 namespace rptq_cuda {
 
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-#define RPTQ_CHECK(cond, ...) TORCH_CHECK(cond, "rptq (cuda): ", __VA_ARGS__)
+using rptq_layout::block_bytes;
+using rptq_layout::code_at;
+using rptq_layout::kBlockCodes;
+using rptq_layout::row_bytes;
 
-constexpr int kBlock = 32;  // codes per packed block
+RPTQ_HD constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline int64_t packed_row_bytes(int64_t length, int64_t bits) { return ceil_div(length, kBlock) * 4 * bits; }
+// Rows of x at or below this run the GEMV kernels (decode); the GEMV is compiled for 1, 2, 4 and 8 rows.
+constexpr int64_t kGemvMaxRows = 8;
 
-inline void check_bits(int64_t bits) {
-  RPTQ_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be one of 2, 3, 4, 8, got ", bits);
+// True while the current stream of `device` captures a CUDA graph (checks.h then skips the checks that
+// copy contents to the host, which a capture forbids).
+inline bool stream_is_capturing(const at::Device& device) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()).stream(), &status));
+  return status != cudaStreamCaptureStatusNone;
 }
 
-inline void check_cuda(const at::Tensor& t, const char* name) {
-  RPTQ_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  RPTQ_CHECK(t.is_contiguous(), name, " must be contiguous");
+// Device attributes, queried once per device (a host call per launch would cost more than a decode GEMV).
+struct DeviceLimits {
+  int sms = 0;                 // streaming multiprocessors
+  size_t smem_optin = 0;       // dynamic shared memory a block may opt in to
+};
+inline const DeviceLimits& device_limits(int device) {
+  constexpr int kMaxDevices = 64;
+  static DeviceLimits limits[kMaxDevices];
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "rptq (cuda): device index ", device, " out of range");
+  DeviceLimits& l = limits[device];
+  if (l.sms == 0) {
+    int smem = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    l.smem_optin = static_cast<size_t>(smem);
+    l.sms = sms;
+  }
+  return l;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -48,49 +74,8 @@ __device__ __forceinline__ int quant_code(float x, float inv_scale, float zero, 
   return static_cast<int>(q);
 }
 
-// ------------------------------------------------------------------------------------------------
-// One code of a packed row (pack.py's block_q{bits}); the general path of every kernel.
-// ------------------------------------------------------------------------------------------------
-__device__ __forceinline__ int get_code(const uint8_t* row, int i, int bits) {
-  const int blk = i >> 5, j = i & 31;
-  switch (bits) {
-    case 8:
-      return row[i];
-    case 4: {
-      const uint8_t b = row[blk * 16 + (j & 15)];
-      return (b >> ((j >> 4) * 4)) & 0xF;
-    }
-    case 2:
-      return (row[blk * 8 + (j & 7)] >> (2 * (j >> 3))) & 3;
-    default: {  // 3: a block_q2 of the low two bits, then one little-endian uint32 of the third bits
-      const uint8_t* b = row + blk * 12;
-      const int lo = (b[j & 7] >> (2 * (j >> 3))) & 3;
-      const int hi = (b[8 + (j >> 3)] >> (j & 7)) & 1;
-      return lo | (hi << 2);
-    }
-  }
-}
-
-// Packs 32 codes (c[0..31], each < 2^bits) into one block of 4*bits bytes at out.
-__device__ __forceinline__ void put_block(const int* c, uint8_t* out, int bits) {
-  if (bits == 8) {
-    for (int j = 0; j < 32; ++j) out[j] = static_cast<uint8_t>(c[j]);
-  } else if (bits == 4) {
-    for (int j = 0; j < 16; ++j) out[j] = static_cast<uint8_t>(c[j] | (c[j + 16] << 4));
-  } else {
-    // block_q2 of the low two bits (bits 2 and 3 share it)
-    for (int j = 0; j < 8; ++j)
-      out[j] = static_cast<uint8_t>((c[j] & 3) | ((c[j + 8] & 3) << 2) | ((c[j + 16] & 3) << 4) |
-                                    ((c[j + 24] & 3) << 6));
-    if (bits == 3) {
-      for (int b = 0; b < 4; ++b) {
-        int v = 0;
-        for (int i = 0; i < 8; ++i) v |= ((c[8 * b + i] >> 2) & 1) << i;
-        out[8 + b] = static_cast<uint8_t>(v);
-      }
-    }
-  }
-}
+// One code of a packed row (layouts.h): the general path of every kernel.
+__device__ __forceinline__ int get_code(const uint8_t* row, int i, int bits) { return code_at(row, i, bits); }
 
 // ------------------------------------------------------------------------------------------------
 // Uneven channel groups (the KMeans clusters): a table of group starts, starts[g] = Σ_{j<g} size[j],
@@ -182,24 +167,27 @@ __device__ __forceinline__ float warp_max(float v) {
 // Raises a kernel's dynamic shared-memory limit when a launch needs more than the default 48 KB.
 // Done once per kernel and size (a host call, kept out of CUDA-graph captures after the first use).
 // The kernel is a template argument so that each kernel has its own record.
+constexpr size_t kDefaultSmemBytes = 48 * 1024;  // what every kernel may use without opting in
+
 template <auto kernel>
 inline void ensure_smem(size_t bytes) {
-  static size_t granted = 48 * 1024;
+  static size_t granted = kDefaultSmemBytes;
   if (bytes > granted) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
     granted = bytes;
   }
 }
 
-// Entry points shared between the .cu files (linear_aq reuses the A16 GEMV and the activation quantizer).
-at::Tensor linear_a16_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                           const at::Tensor& zeros, const at::Tensor& group_sizes, int64_t bits,
-                           const std::optional<at::Tensor>& bias);
+// Entry points shared between the .cu files (linear_aq reuses the A16 kernels and the activation quantizer).
+// The run_* functions skip the checks: callers have checked the arguments already.
+at::Tensor run_linear_a16_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const at::Tensor& zeros, const at::Tensor& group_sizes, int64_t bits,
+                               const std::optional<at::Tensor>& bias);
 struct GroupTable;
 at::Tensor dequant_weight_cuda(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                                const GroupTable& gt, int64_t bits, int64_t K, at::ScalarType dtype);
 bool gemv_applies(const at::Tensor& x, int64_t rows, int64_t K, int64_t bits);
-at::Tensor fake_quant_act_cuda(const at::Tensor& x, const at::Tensor& act_scale, const at::Tensor& act_zero,
-                               const at::Tensor& act_group_sizes, int64_t bits);
+at::Tensor run_fake_quant_act_cuda(const at::Tensor& x, const at::Tensor& act_scale, const at::Tensor& act_zero,
+                                   const at::Tensor& act_group_sizes, int64_t bits);
 
 }  // namespace rptq_cuda

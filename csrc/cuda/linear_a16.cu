@@ -1,6 +1,6 @@
 // rptq::linear_a16 on CUDA: y = x @ W.T + bias with W[n, k] = (code - zeros[n, g(k)]) * scales[n, g(k)].
 //
-// Decode (≤ 8 rows of x, fp16, 3/4-bit, K % 32 == 0): a GEMV that reads the packed weight once, straight
+// Decode (≤ kGemvMaxRows rows of x, fp16, 3/4-bit, K % 32 == 0): a GEMV that reads the packed weight once, straight
 // from pack.py's block_q4 / block_q3 layout. It is bound by the weight bytes, so the inner loop must stay
 // cheap enough to keep up with ~4 TB/s:
 //   * x is staged once per block in shared memory as fp16 scaled by 2^-8 (exact), stored in the order
@@ -25,6 +25,10 @@ constexpr int kWarps = 8;         // warps per GEMV block
 constexpr int kRowsPerWarp = 2;   // output rows per warp: more independent loads in flight, x reused
 constexpr int kUnroll = 4;        // chunks per lane loaded before any is used
 constexpr float kXShift = 256.f;  // x is staged as x / 256 in fp16 (see the header comment)
+static_assert(kGemvMaxRows == 8, "dispatch_gemv_m compiles the GEMV for 1, 2, 4 and 8 rows");
+
+constexpr int kDequantThreads = 256;
+constexpr int64_t kDequantMaxBlocks = 8192;  // a grid-stride loop covers the rest
 
 // Slot of code j (0..31) of a chunk in the staged x: the order in which decode_pairs<4> emits codes.
 // Word i of a block_q4 holds codes 4i..4i+3 (low nibbles) and 16+4i..16+4i+3 (high nibbles); the
@@ -140,7 +144,7 @@ gemv_kernel(const __half* __restrict__ x, int m_rows, const uint8_t* __restrict_
   const int nchunk = K / 32;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n0 = (blockIdx.x * kWarps + warp) * kRowsPerWarp;
-  const int64_t row_bytes = (int64_t)nchunk * 4 * BITS;
+  const int64_t rb = row_bytes(K, BITS);
 
   Chunk<BITS> w[kUnroll][kRowsPerWarp];
   auto load_batch = [&](int c0) {
@@ -150,7 +154,7 @@ gemv_kernel(const __half* __restrict__ x, int m_rows, const uint8_t* __restrict_
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         const int n = n0 + r;
-        w[u][r] = (c < nchunk && n < N) ? load_chunk<BITS>(qweight + n * row_bytes + (int64_t)c * 4 * BITS)
+        w[u][r] = (c < nchunk && n < N) ? load_chunk<BITS>(qweight + n * rb + (int64_t)c * block_bytes(BITS))
                                         : zero_chunk<BITS>();
       }
     }
@@ -243,12 +247,12 @@ __global__ void dequant_kernel(const uint8_t* __restrict__ qweight, const S* __r
                                T* __restrict__ w) {
   extern __shared__ int starts_smem[];
   const int* starts = load_group_starts(sizes, global_starts, G, starts_smem);
-  const int nblk = (K + 31) / 32;
-  const int64_t row_bytes = (int64_t)nblk * 4 * bits;
+  const int nblk = static_cast<int>(ceil_div(K, kBlockCodes));
+  const int64_t rb = row_bytes(K, bits);
   for (int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; t < (int64_t)N * nblk;
        t += (int64_t)gridDim.x * blockDim.x) {
     const int n = static_cast<int>(t / nblk), b = static_cast<int>(t % nblk);
-    const uint8_t* row = qweight + n * row_bytes;
+    const uint8_t* row = qweight + n * rb;
     int g = find_group(starts, G, b * 32);
     for (int j = 0; j < 32; ++j) {
       const int k = b * 32 + j;
@@ -294,12 +298,12 @@ at::Tensor dequant_weight_cuda(const at::Tensor& qweight, const at::Tensor& scal
   const int64_t N = scales.size(0);
   at::Tensor w = at::empty({N, K}, qweight.options().dtype(dtype));
   if (N == 0 || K == 0) return w;
-  const int64_t work = N * ceil_div(K, 32);
-  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(work, 256), 8192));
+  const int64_t work = N * ceil_div(K, kBlockCodes);
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(work, kDequantThreads), kDequantMaxBlocks));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rptq_dequant", [&] {
     auto run = [&](auto stag) {
       using St = decltype(stag);
-      dequant_kernel<scalar_t, St><<<grid, 256, gt.smem_bytes, current_stream()>>>(
+      dequant_kernel<scalar_t, St><<<grid, kDequantThreads, gt.smem_bytes, current_stream()>>>(
           qweight.data_ptr<uint8_t>(), scales.data_ptr<St>(), zeros.data_ptr<uint8_t>(), gt.sizes,
           gt.global_starts, gt.G, (int)N, (int)K, (int)bits, w.data_ptr<scalar_t>());
     };
@@ -309,17 +313,22 @@ at::Tensor dequant_weight_cuda(const at::Tensor& qweight, const at::Tensor& scal
   return w;
 }
 
-bool gemv_applies(const at::Tensor& x, int64_t rows, int64_t K, int64_t bits) {
-  const size_t smem = sizeof(__half) * 8 * K + sizeof(int) * (K / 32) + sizeof(int) * (kMaxSmemGroups + 1);
-  return x.scalar_type() == at::kHalf && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && rows >= 1 && rows <= 8 && (bits == 4 || bits == 3) && K % 32 == 0 &&
-         K > 0 && smem <= 200 * 1024;
+// The GEMV's shared memory: kGemvMaxRows staged rows of x, the chunk → group table and (≤ kMaxSmemGroups)
+// group starts.
+size_t gemv_smem_bytes(int64_t K) {
+  return sizeof(__half) * kGemvMaxRows * K + sizeof(int) * (K / kBlockCodes) + sizeof(int) * (kMaxSmemGroups + 1);
 }
 
-at::Tensor linear_a16_cuda(const at::Tensor& x_in, const at::Tensor& qweight_in, const at::Tensor& scales_in,
-                           const at::Tensor& zeros_in, const at::Tensor& group_sizes, int64_t bits,
-                           const std::optional<at::Tensor>& bias_in) {
-  check_bits(bits);
-  RPTQ_CHECK(x_in.is_cuda(), "linear_a16: x must be a CUDA tensor");
+bool gemv_applies(const at::Tensor& x, int64_t rows, int64_t K, int64_t bits) {
+  return x.scalar_type() == at::kHalf && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && rows >= 1 &&
+         rows <= kGemvMaxRows && (bits == 4 || bits == 3) && K % kBlockCodes == 0 && K > 0 &&
+         gemv_smem_bytes(K) <= device_limits(x.get_device()).smem_optin;
+}
+
+// After the checks: the general A16 path (also linear_aq's decode and fallback path, on fake-quantized x).
+at::Tensor run_linear_a16_cuda(const at::Tensor& x_in, const at::Tensor& qweight_in, const at::Tensor& scales_in,
+                               const at::Tensor& zeros_in, const at::Tensor& group_sizes, int64_t bits,
+                               const std::optional<at::Tensor>& bias_in) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor qweight = qweight_in.contiguous();
@@ -327,16 +336,12 @@ at::Tensor linear_a16_cuda(const at::Tensor& x_in, const at::Tensor& qweight_in,
       (scales_in.scalar_type() == at::kHalf ? scales_in : scales_in.to(at::kFloat)).contiguous();
   const at::Tensor zeros = zeros_in.contiguous();
   const int64_t K = x.size(-1), N = scales.size(0);
-  RPTQ_CHECK(qweight.size(0) == N && qweight.size(1) == packed_row_bytes(K, bits),
-             "linear_a16: qweight must be [N, packed_row_bytes(K)]");
-  RPTQ_CHECK(zeros.size(0) == N && zeros.size(1) == scales.size(1), "linear_a16: zeros must be [N, G]");
   const int64_t rows = K ? x.numel() / K : 0;
   GroupTable gt = make_group_table(group_sizes, x.device());
-  RPTQ_CHECK(gt.G == scales.size(1), "linear_a16: one group size per scale column");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor bias;
-  if (bias_in.has_value()) bias = bias_in->to(x.device()).contiguous();
+  if (bias_in.has_value()) bias = bias_in->contiguous();
 
   if (gemv_applies(x, rows, K, bits)) {
     at::Tensor y = at::empty(out_shape, x.options());
@@ -355,6 +360,13 @@ at::Tensor linear_a16_cuda(const at::Tensor& x_in, const at::Tensor& qweight_in,
   const at::Tensor w = dequant_weight_cuda(qweight, scales, zeros, gt, bits, K, x.scalar_type());
   if (bias.defined()) bias = bias.to(x.scalar_type());
   return at::linear(x, w, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+}
+
+at::Tensor linear_a16_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& zeros, const at::Tensor& group_sizes, int64_t bits,
+                           const std::optional<at::Tensor>& bias) {
+  rptq_checks::check_linear_a16(x, qweight, scales, zeros, group_sizes, bits, bias);
+  return run_linear_a16_cuda(x, qweight, scales, zeros, group_sizes, bits, bias);
 }
 
 TORCH_LIBRARY_IMPL(rptq, CUDA, m) { m.impl("linear_a16", &linear_a16_cuda); }

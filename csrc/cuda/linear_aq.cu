@@ -16,7 +16,7 @@
 // that crosses a group boundary into one MMA per segment, with the A bytes (and the ones of the weight
 // sum) outside the segment masked to zero; accumulators are flushed with the group's scales at its end.
 //
-// Small batches (≤ 8 rows, decode) are bound by the weight bytes, not the MMA: there x is fake-quantized
+// Small batches (≤ kGemvMaxRows rows, decode) are bound by the weight bytes, not the MMA: there x is fake-quantized
 // and the W4A16 GEMV runs (same result up to float rounding). Other widths/shapes: fake-quant + the
 // dequantize-and-cuBLAS path.
 #include "common.cuh"
@@ -28,6 +28,9 @@ constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 256;
 constexpr int A_STRIDE = 80;  // bytes per A row in shared memory: 64 + 16 padding (conflict-free ldmatrix)
 constexpr int B_STRIDE = 48;  // bytes per B row: 32 (64 4-bit codes) + 16 padding
 constexpr int STAGE_BYTES = BM * A_STRIDE + BN * B_STRIDE;
+constexpr int kMmaWeightBits = 4;  // the MMA path reads block_q4 words as B fragments (header comment)
+constexpr int kQuantizeThreads = 256;
+constexpr int64_t kQuantizeMaxBlocks = 16384;  // a grid-stride loop covers the rest
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -112,7 +115,7 @@ w4a8_gemm_kernel(const uint8_t* __restrict__ A, int M, int Kp, const uint8_t* __
   const int wm = warp >> 2, wn = warp & 3;  // 2 x 4 warps; a warp owns 64 rows x 32 columns
   const int gl = lane >> 2, tl = lane & 3;   // mma groupID / thread-in-group
   const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-  const int64_t row_bytes = (int64_t)(K / 32) * 16;
+  const int64_t rb = row_bytes(K, kMmaWeightBits);
   const int KT = Kp / BK;
 
   auto stage_a = [&](int s) { return smem + s * STAGE_BYTES; };
@@ -132,7 +135,7 @@ w4a8_gemm_kernel(const uint8_t* __restrict__ A, int M, int Kp, const uint8_t* __
       const int row = tid >> 1, half = tid & 1;
       const int blk = kt * 2 + half;
       const bool ok = (n0 + row < N) && (blk < K / 32);
-      const uint8_t* src = qweight + (int64_t)(ok ? n0 + row : 0) * row_bytes + (ok ? blk : 0) * 16;
+      const uint8_t* src = qweight + (int64_t)(ok ? n0 + row : 0) * rb + (ok ? blk : 0) * block_bytes(kMmaWeightBits);
       cp_async16(sb + row * B_STRIDE + half * 16, src, ok);
     }
   };
@@ -289,30 +292,25 @@ at::Tensor linear_aq_cuda(const at::Tensor& x_in, const at::Tensor& qweight_in, 
                           const at::Tensor& zeros_in, const at::Tensor& group_sizes, int64_t bits,
                           const at::Tensor& act_scale_in, const at::Tensor& act_zero_in, int64_t act_bits,
                           const std::optional<at::Tensor>& bias_in) {
-  check_bits(bits);
-  RPTQ_CHECK(act_bits >= 1 && act_bits <= 8, "linear_aq: act_bits must be in 1..8, got ", act_bits);
-  RPTQ_CHECK(x_in.is_cuda(), "linear_aq: x must be a CUDA tensor");
+  rptq_checks::check_linear_aq(x_in, qweight_in, scales_in, zeros_in, group_sizes, bits, act_scale_in, act_zero_in,
+                               act_bits, bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const int64_t K = x.size(-1), N = scales_in.size(0);
   const int64_t rows = K ? x.numel() / K : 0;
-  const bool gemm = bits == 4 && K % 32 == 0 && K > 0 && rows > 8 && N > 0;
+  const bool gemm = bits == kMmaWeightBits && K % kBlockCodes == 0 && K > 0 && rows > kGemvMaxRows && N > 0;
   if (!gemm) {
     // decode batches and the general path: quantize-dequantize x, then the A16 kernels
-    const at::Tensor xq = fake_quant_act_cuda(x, act_scale_in, act_zero_in, group_sizes, act_bits);
-    return linear_a16_cuda(xq, qweight_in, scales_in, zeros_in, group_sizes, bits, bias_in);
+    const at::Tensor xq = run_fake_quant_act_cuda(x, act_scale_in, act_zero_in, group_sizes, act_bits);
+    return run_linear_a16_cuda(xq, qweight_in, scales_in, zeros_in, group_sizes, bits, bias_in);
   }
   const at::Tensor qweight = qweight_in.contiguous();
   const at::Tensor scales =
       (scales_in.scalar_type() == at::kHalf ? scales_in : scales_in.to(at::kFloat)).contiguous();
   const at::Tensor zeros = zeros_in.contiguous();
-  RPTQ_CHECK(qweight.size(0) == N && qweight.size(1) == packed_row_bytes(K, bits),
-             "linear_aq: qweight must be [N, packed_row_bytes(K)]");
-  const at::Tensor act_scale = act_scale_in.to(x.device(), at::kFloat).contiguous();
-  const at::Tensor act_zero = act_zero_in.to(x.device(), at::kInt).contiguous();
+  const at::Tensor act_scale = act_scale_in.to(at::kFloat).contiguous();
+  const at::Tensor act_zero = act_zero_in.to(at::kInt).contiguous();
   GroupTable gt = make_group_table(group_sizes, x.device());
-  RPTQ_CHECK(gt.G == scales.size(1) && act_scale.numel() == gt.G && act_zero.numel() == gt.G,
-             "linear_aq: scales, act_scale and act_zero need one entry per group");
 
   const int M = static_cast<int>(rows);
   const int Kp = static_cast<int>(ceil_div(K, BK) * BK);
@@ -323,7 +321,7 @@ at::Tensor linear_aq_cuda(const at::Tensor& x_in, const at::Tensor& qweight_in, 
   at::Tensor bias;
   int bias_kind = 0;
   if (bias_in.has_value()) {
-    bias = bias_in->to(x.device()).contiguous();
+    bias = bias_in->contiguous();
     if (bias.scalar_type() == at::kHalf) bias_kind = 1;
     else if (bias.scalar_type() == at::kBFloat16) bias_kind = 3;
     else { bias = bias.to(at::kFloat); bias_kind = 2; }
@@ -332,8 +330,8 @@ at::Tensor linear_aq_cuda(const at::Tensor& x_in, const at::Tensor& qweight_in, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rptq_linear_aq", [&] {
     using T = scalar_t;
     const int64_t work = (int64_t)M * (Kp / 16);
-    const int qgrid = static_cast<int>(std::min<int64_t>(ceil_div(work, 256), 16384));
-    quantize_a_kernel<T><<<qgrid, 256, gt.smem_bytes, stream>>>(
+    const int qgrid = static_cast<int>(std::min<int64_t>(ceil_div(work, kQuantizeThreads), kQuantizeMaxBlocks));
+    quantize_a_kernel<T><<<qgrid, kQuantizeThreads, gt.smem_bytes, stream>>>(
         x.data_ptr<T>(), act_scale.data_ptr<float>(), act_zero.data_ptr<int>(), gt.sizes, gt.global_starts, gt.G, M,
         (int)K, Kp, (1 << act_bits) - 1, a.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -7,9 +7,9 @@ between the projections and out_proj happens here, driven by ``module.rptq`` (an
 * R2 for RoPE families: keys are clustered *after* RoPE, so the permutation is a gather of q and k here.
   A permutation of pre-RoPE channels would have to move whole rotary pairs (i, i + d/2) and carry their
   frequencies, and the pre-RoPE (min, max) of a channel would still not describe the rotated key that the
-  cache stores. Post-RoPE clustering quantizes exactly what the cache holds; the packed cache gathers new
-  keys before it quantizes and appends them (``nn/kv_cache.py``). For OPT (no RoPE) R2 is folded into
-  q_proj/k_proj rows instead.
+  cache stores. Post-RoPE clustering quantizes exactly what the cache holds. The gather runs in
+  :meth:`AttentionQuant.permute_k` (a ``torch.gather``) before ``rptq::kv_append`` quantizes the keys into the
+  cache; it is not fused into the append kernel. For OPT (no RoPE) R2 is folded into q_proj/k_proj rows instead.
 * Q, K and V are fake-quantized with their per-cluster static parameters (K, V at the KV-cache bits).
 * The softmax output is rounded to a fixed unsigned grid (scale 1 / (2^b - 1), zero 0) when ``p_bits < 16``.
 * Observers (calibration) see q, k, v as [tokens, heads * head_dim] in the order they are quantized.

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..config import FP
 from ..quant.weights import QuantizedWeight
 from .quantizers import ActQuant
 
@@ -24,7 +25,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.bits = in_features, out_features, int(bits)
         self.act = act
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        if self.bits < 16:
+        if self.bits < FP:
             self.register_buffer("qweight", qweight)
             self.register_buffer("scales", scales)
             self.register_buffer("zeros", zeros)
@@ -32,7 +33,7 @@ class QuantLinear(nn.Module):
             self.weight = None
         else:
             self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.fused = (act is not None and self.bits < 16 and act.bits < 16 and not act.dynamic
+        self.fused = (act is not None and self.bits < FP and act.bits < FP and not act.dynamic
                       and torch.equal(act.group_sizes.cpu(), self.group_sizes.cpu()))
         self._cpu_scales: tuple[torch.Tensor, int, torch.Tensor] | None = None
 
@@ -40,7 +41,7 @@ class QuantLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, quantized: QuantizedWeight | None, act: ActQuant | None) -> "QuantLinear":
         bias = linear.bias.data if linear.bias is not None else None
         if quantized is None:
-            return cls(linear.in_features, linear.out_features, bits=16, bias=bias, act=act, weight=linear.weight.data)
+            return cls(linear.in_features, linear.out_features, bits=FP, bias=bias, act=act, weight=linear.weight.data)
         return cls(linear.in_features, linear.out_features, bits=quantized.bits, bias=bias, act=act,
                    qweight=kernels.pack_weight(quantized.codes, quantized.bits), scales=quantized.scales,
                    zeros=quantized.zeros, group_sizes=quantized.group_sizes)

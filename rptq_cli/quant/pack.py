@@ -29,7 +29,8 @@ lanes with one load, one variable shift and one mask — no cross-lane shuffles:
 Zero-points of a weight ([N, G] codes at the weight's bit width) are packed as ONE flat stream of
 ``N * G`` codes (:func:`pack_zeros`), so they cost ``bits`` bits each, padded once per tensor.
 
-All functions here are pure torch on any device; they are the specification the kernels follow.
+All functions here are pure torch on any device; they are the specification the kernels follow
+(csrc/layouts.h writes the same blocks down as C++ structs).
 """
 from __future__ import annotations
 
@@ -40,15 +41,14 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def block_bytes(bits: int) -> int:
-    """Bytes of one block of 32 codes."""
+    """Bytes of one block of 32 codes: ``4 * bits``, nothing wasted (csrc/layouts.h: ``block_bytes``)."""
     _check_bits(bits)
     return 4 * bits
 
 
 def packed_row_bytes(length: int, bits: int) -> int:
-    """Bytes of a packed row of ``length`` codes (padded to whole blocks)."""
-    _check_bits(bits)
-    return -(-int(length) // BLOCK) * 4 * bits
+    """Bytes of a packed row of ``length`` codes: whole blocks, the last padded (csrc/layouts.h: ``row_bytes``)."""
+    return -(-int(length) // BLOCK) * block_bytes(bits)
 
 
 def _check_bits(bits: int) -> None:
@@ -109,7 +109,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         out = _pack2(c)
     else:  # 3
         out = torch.cat([_pack2(c & 3), _pack_bits((c >> 2) & 1)], -1)
-    return out.reshape(*codes.shape[:-1], nblk * 4 * bits)
+    return out.reshape(*codes.shape[:-1], nblk * block_bytes(bits))
 
 
 def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
@@ -123,7 +123,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
             f"got last dim {packed.shape[-1]}"
         )
     nblk = -(-length // BLOCK)
-    b = packed.contiguous().view(*packed.shape[:-1], nblk, 4 * bits)
+    b = packed.contiguous().view(*packed.shape[:-1], nblk, block_bytes(bits))
     if bits == 8:
         c = b
     elif bits == 4:
@@ -133,20 +133,6 @@ def unpack_rows(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     else:
         c = _unpack2(b[..., :8]) | (_unpack_bits(b[..., 8:]) << 2)
     return c.reshape(*packed.shape[:-1], nblk * BLOCK)[..., :length].contiguous()
-
-
-def pack_weight(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Weight codes uint8 [N, K] → packed uint8 [N, packed_row_bytes(K, bits)] (each row a run of blocks)."""
-    if codes.dim() != 2:
-        raise ValueError(f"weight codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
-    return pack_rows(codes, bits)
-
-
-def unpack_weight(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
-    """Packed weight uint8 [N, packed_row_bytes(K)] → codes uint8 [N, K]."""
-    if packed.dim() != 2 or packed.shape[0] != n:
-        raise ValueError(f"packed weight must be [N={n}, {packed_row_bytes(k, bits)}], got {tuple(packed.shape)}")
-    return unpack_rows(packed, bits, k)
 
 
 def pack_zeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
