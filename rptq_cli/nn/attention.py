@@ -23,7 +23,6 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from .. import kernels
 from .kv_cache import PackedKVLayer
 from .quantizers import ActQuant
 
@@ -38,6 +37,9 @@ class AttentionQuant(nn.Module):
         super().__init__()
         self.register_buffer("qk_perm", qk_perm)  # int64 [kv_heads, head_dim]: post-RoPE R2 gather
         self.q, self.k, self.v = q, k, v
+        for cached in (k, v):
+            if cached is not None:
+                cached.kv_cache = True
         self.p_bits = int(p_bits)
         self.observer: Callable[[str, torch.Tensor], None] | None = None
 
@@ -111,8 +113,7 @@ def packed_attention(spec: AttentionQuant, query: torch.Tensor, cache, attention
     if spec.q is not None:
         query = spec.q.forward_heads(query)
     if query.shape[0] == 1:  # a single sequence: the mask is purely causal, which the kernel applies itself
-        out = kernels.decode_attention(query, cache.keys, cache.values, cache.k_scale, cache.k_zero, cache.v_scale,
-                                       cache.v_zero, cache.bits, cache.length, scaling, spec.p_bits)
+        out = cache.attend(query, scaling, spec.p_bits)
     else:  # padded batches carry a general mask: dequantize and attend
         key, value = cache.dequantized()
         out = attend(query, key, value, attention_mask, scaling, spec.p_bits)
