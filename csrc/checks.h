@@ -262,4 +262,100 @@ inline void check_decode_attention(const Tensor& q, const Tensor& k_packed, cons
   check_kv_params(op, q, v_scale, v_zero, Hkv, q.size(3));
 }
 
+// ---- the KV cache on per-token grids (kernels.py: kv_append_token, kv_unpack_token, decode_attention_token)
+
+// group_sizes int32 [H, G] (≥ 0, each row summing to D) and, when given, clip float32 [H, G]; returns G.
+inline int64_t check_kv_token_groups(const char* op, const Tensor& data, const Tensor& group_sizes,
+                                     const Tensor* clip, int64_t H, int64_t D) {
+  RPTQ_CHECK_ARG(group_sizes.dim() == 2 && group_sizes.size(0) == H && is_int(group_sizes), op,
+                 "group_sizes must be int32 [H=", H, ", G], got ", group_sizes.scalar_type(), " ", group_sizes.sizes());
+  const int64_t G = group_sizes.size(1);
+  RPTQ_CHECK_ARG(G >= 1, op, "at least one group per head is needed");
+  check_same_device(op, data, {{&group_sizes, "group_sizes"}, {clip, "clip"}});
+  if (clip != nullptr)
+    RPTQ_CHECK_ARG(clip->dim() == 2 && clip->size(0) == H && clip->size(1) == G && clip->scalar_type() == at::kFloat,
+                   op, "clip must be float32 [H=", H, ", G=", G, "], got ", clip->scalar_type(), " ", clip->sizes());
+  if (can_read_contents(group_sizes)) {
+    const Tensor sizes = group_sizes.to(at::kCPU, at::kLong).contiguous();
+    const int64_t* g = sizes.data_ptr<int64_t>();
+    for (int64_t h = 0; h < H; ++h) {
+      int64_t total = 0;
+      for (int64_t j = 0; j < G; ++j) {
+        RPTQ_CHECK_ARG(g[h * G + j] >= 0, op, "group sizes must not be negative");
+        total += g[h * G + j];
+      }
+      RPTQ_CHECK_ARG(total == D, op, "each head's group sizes must sum to D=", D, ", head ", h, " sums to ", total);
+    }
+  }
+  return G;
+}
+
+inline void check_kv_token_params(const char* op, const Tensor& data, const Tensor& scale, const Tensor& zero,
+                                  int64_t B, int64_t H, int64_t S, int64_t G) {
+  RPTQ_CHECK_ARG(scale.scalar_type() == at::kHalf && scale.dim() == 4 && scale.size(0) == B && scale.size(1) == H &&
+                     scale.size(2) == S && scale.size(3) == G,
+                 op, "scale must be float16 [B=", B, ", H=", H, ", S=", S, ", G=", G, "], got ", scale.scalar_type(),
+                 " ", scale.sizes());
+  RPTQ_CHECK_ARG(zero.scalar_type() == at::kByte && zero.sizes() == scale.sizes(), op, "zero must be uint8 [B=", B,
+                 ", H=", H, ", S=", S, ", G=", G, "], got ", zero.scalar_type(), " ", zero.sizes());
+  check_same_device(op, data, {{&scale, "scale"}, {&zero, "zero"}});
+}
+
+inline void check_kv_append_token(const Tensor& cache, const Tensor& scale, const Tensor& zero, const Tensor& x,
+                                  const Tensor& group_sizes, const Tensor& clip, int64_t bits, int64_t pos) {
+  const char* op = "kv_append_token";
+  check_bits(op, bits);
+  RPTQ_CHECK_ARG(x.dim() == 4 && is_float(x), op, "x must be a float [B, H, T, D], got ", x.scalar_type(), " ",
+                 x.sizes());
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), rb = rptq_layout::row_bytes(x.size(3), bits);
+  RPTQ_CHECK_ARG(cache.scalar_type() == at::kByte && cache.dim() == 4 && cache.size(0) == B && cache.size(1) == H &&
+                     cache.size(3) == rb,
+                 op, "cache must be uint8 [B=", B, ", H=", H, ", S, ", rb, "], got ", cache.scalar_type(), " ",
+                 cache.sizes());
+  RPTQ_CHECK_ARG(cache.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), op,
+                 "cache, scale and zero must be contiguous (they are written in place)");
+  RPTQ_CHECK_ARG(pos >= 0 && pos + T <= cache.size(2), op, "positions ", pos, "..", pos + T,
+                 " do not fit a cache of ", cache.size(2));
+  check_same_device(op, x, {{&cache, "cache"}});
+  const int64_t G = check_kv_token_groups(op, x, group_sizes, &clip, H, x.size(3));
+  check_kv_token_params(op, x, scale, zero, B, H, cache.size(2), G);
+}
+
+inline void check_kv_unpack_token(const Tensor& packed, const Tensor& scale, const Tensor& zero,
+                                  const Tensor& group_sizes, int64_t bits, int64_t D) {
+  const char* op = "kv_unpack_token";
+  check_bits(op, bits);
+  RPTQ_CHECK_ARG(D >= 1, op, "D must be positive, got ", D);
+  const int64_t rb = rptq_layout::row_bytes(D, bits);
+  RPTQ_CHECK_ARG(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(3) == rb, op,
+                 "packed must be uint8 [B, H, T, ", rb, "] (rows of kv_row_bytes(", D, ", ", bits, ")), got ",
+                 packed.scalar_type(), " ", packed.sizes());
+  const int64_t G = check_kv_token_groups(op, packed, group_sizes, nullptr, packed.size(1), D);
+  check_kv_token_params(op, packed, scale, zero, packed.size(0), packed.size(1), packed.size(2), G);
+}
+
+inline void check_decode_attention_token(const Tensor& q, const Tensor& k_packed, const Tensor& v_packed,
+                                         const Tensor& k_scale, const Tensor& k_zero, const Tensor& v_scale,
+                                         const Tensor& v_zero, const Tensor& k_group_sizes,
+                                         const Tensor& v_group_sizes, int64_t bits, int64_t kv_len, int64_t p_bits) {
+  const char* op = "decode_attention_token";
+  check_bits(op, bits);
+  RPTQ_CHECK_ARG(q.dim() == 4 && is_float(q), op, "q must be a float [B, Hq, Tq, D], got ", q.scalar_type(), " ",
+                 q.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), rb = rptq_layout::row_bytes(D, bits);
+  for (const auto& [t, name] : {std::pair{&k_packed, "k_packed"}, std::pair{&v_packed, "v_packed"}})
+    RPTQ_CHECK_ARG(t->scalar_type() == at::kByte && t->dim() == 4 && t->size(0) == B && t->size(3) == rb, op, name,
+                   " must be uint8 [B=", B, ", Hkv, S, ", rb, "], got ", t->scalar_type(), " ", t->sizes());
+  RPTQ_CHECK_ARG(k_packed.sizes() == v_packed.sizes(), op, "k_packed and v_packed differ in shape");
+  const int64_t Hkv = k_packed.size(1), S = k_packed.size(2);
+  RPTQ_CHECK_ARG(Hkv >= 1 && Hq % Hkv == 0, op, "Hq=", Hq, " is not a multiple of Hkv=", Hkv);
+  RPTQ_CHECK_ARG(Tq <= kv_len && kv_len <= S, op, "need Tq=", Tq, " <= kv_len=", kv_len, " <= S=", S);
+  RPTQ_CHECK_ARG(p_bits >= 1 && p_bits <= kFloatBits, op, "p_bits must be in 1..", kFloatBits, ", got ", p_bits);
+  check_same_device(op, q, {{&k_packed, "k_packed"}, {&v_packed, "v_packed"}});
+  const int64_t Gk = check_kv_token_groups(op, q, k_group_sizes, nullptr, Hkv, D);
+  const int64_t Gv = check_kv_token_groups(op, q, v_group_sizes, nullptr, Hkv, D);
+  check_kv_token_params(op, q, k_scale, k_zero, B, Hkv, S, Gk);
+  check_kv_token_params(op, q, v_scale, v_zero, B, Hkv, S, Gv);
+}
+
 }  // namespace rptq_checks

@@ -244,6 +244,50 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_packed, const Tensor& v
   return out.to(q.scalar_type());
 }
 
+// ---- the KV cache on per-token grids (kernels in cpu/kv_token.cpp)
+
+uint16_t* half_bits(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::Half>()); }
+
+void kv_append_token(const Tensor& cache, const Tensor& scale, const Tensor& zero, const Tensor& x,
+                     const Tensor& group_sizes, const Tensor& clip, int64_t bits, int64_t pos) {
+  rptq_checks::check_kv_append_token(cache, scale, zero, x, group_sizes, clip, bits, pos);
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), S = cache.size(2);
+  const int64_t G = group_sizes.size(1), rb = row_bytes(D, bits);
+  Tensor xf = f32(x), g = i32(group_sizes), r = f32(clip);
+  rptq_cpu::kv_token_pack(xf.data_ptr<float>(), B * H, H, T, D, g.data_ptr<int32_t>(), r.data_ptr<float>(), G,
+                          int(bits), cache.data_ptr<uint8_t>() + pos * rb, S * rb, half_bits(scale) + pos * G,
+                          zero.data_ptr<uint8_t>() + pos * G, S * G);
+}
+
+Tensor kv_unpack_token(const Tensor& packed, const Tensor& scale, const Tensor& zero, const Tensor& group_sizes,
+                       int64_t bits, int64_t D) {
+  rptq_checks::check_kv_unpack_token(packed, scale, zero, group_sizes, bits, D);
+  Tensor p = packed.contiguous(), s = scale.contiguous(), z = zero.contiguous(), g = i32(group_sizes);
+  Tensor out = at::empty({p.size(0), p.size(1), p.size(2), D}, p.options().dtype(at::kFloat));
+  rptq_cpu::kv_token_unpack(p.data_ptr<uint8_t>(), half_bits(s), z.data_ptr<uint8_t>(), p.size(0) * p.size(1),
+                            p.size(1), p.size(2), D, g.data_ptr<int32_t>(), g.size(1), int(bits), out.data_ptr<float>());
+  return out;
+}
+
+Tensor decode_attention_token(const Tensor& q, const Tensor& k_packed, const Tensor& v_packed, const Tensor& k_scale,
+                              const Tensor& k_zero, const Tensor& v_scale, const Tensor& v_zero,
+                              const Tensor& k_group_sizes, const Tensor& v_group_sizes, int64_t bits, int64_t kv_len,
+                              double scaling, int64_t p_bits) {
+  rptq_checks::check_decode_attention_token(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, k_group_sizes,
+                                            v_group_sizes, bits, kv_len, p_bits);
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_packed.size(1), S = k_packed.size(2);
+  Tensor qf = f32(q), kp = k_packed.contiguous(), vp = v_packed.contiguous();
+  Tensor ks = k_scale.contiguous(), kz = k_zero.contiguous(), vs = v_scale.contiguous(), vz = v_zero.contiguous();
+  Tensor kg = i32(k_group_sizes), vg = i32(v_group_sizes);
+  Tensor out = at::empty_like(qf);
+  rptq_cpu::kv_token_attention(qf.data_ptr<float>(), B, Hq, Tq, D, kp.data_ptr<uint8_t>(), vp.data_ptr<uint8_t>(), Hkv,
+                               S, half_bits(ks), kz.data_ptr<uint8_t>(), half_bits(vs), vz.data_ptr<uint8_t>(),
+                               kg.data_ptr<int32_t>(), kg.size(1), vg.data_ptr<int32_t>(), vg.size(1), int(bits),
+                               kv_len, float(scaling), int(p_bits), out.data_ptr<float>());
+  return out.to(q.scalar_type());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rptq, CPU, m) {
@@ -258,6 +302,9 @@ TORCH_LIBRARY_IMPL(rptq, CPU, m) {
   m.impl("kv_unpack", &kv_unpack);
   m.impl("kv_append", &kv_append);
   m.impl("decode_attention", &decode_attention);
+  m.impl("kv_append_token", &kv_append_token);
+  m.impl("kv_unpack_token", &kv_unpack_token);
+  m.impl("decode_attention_token", &decode_attention_token);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -26,8 +26,14 @@ MODES = {
     "token": "paper's bits, but linear inputs and queries get per-token scales per cluster at run time "
              "and the softmax output stays in floating point; the KV cache keeps static per-cluster ranges",
 }
-# per-token scales in mode "token": every calibrated point but K and V, whose scales the cache stores
+# per-token scales in mode "token": every calibrated point but K and V, whose scales the cache stores (those
+# are per token only with kv_grid "token")
 TOKEN_POINTS = tuple(p.name for p in ACT_POINTS if p.observed and not p.kv_cache)
+KV_GRIDS = {
+    "static": "one (scale, zero) per cluster of each KV head, fixed at calibration (the official RPTQ)",
+    "token": "each token's own (scale, zero) per cluster of each KV head, computed as it enters the cache and "
+             "stored beside its codes (float16 scale + uint8 zero per cluster)",
+}
 
 
 @dataclass
@@ -41,6 +47,7 @@ class QuantConfig:
     clusters: dict = field(default_factory=lambda: dict(DEFAULT_CLUSTERS))
     reorder: bool = True                # False: one cluster per point (the per-tensor baseline)
     act_clip: str = "mse"               # minmax | mse: static activation ranges from calibration
+    kv_grid: str = "static"             # see KV_GRIDS: how the KV cache's grids are chosen
     percdamp: float = 0.01
     blocksize: int = 128
 
@@ -56,6 +63,8 @@ class QuantConfig:
             raise RptqError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(MODES)}")
         if self.weight_quantizer not in ("gptq", "rtn"):
             raise RptqError(f"--weight-quantizer {self.weight_quantizer!r} is unknown; choose gptq or rtn")
+        if self.kv_grid not in KV_GRIDS:
+            raise RptqError(f"--kv-grid {self.kv_grid!r} is unknown; choose one of {', '.join(KV_GRIDS)}")
         if self.act_clip not in ("minmax", "mse"):
             raise RptqError(f"--act-clip {self.act_clip!r} is unknown; choose minmax or mse")
         groups = self.weight_groups
@@ -87,7 +96,9 @@ class QuantConfig:
 
     def per_token(self, point: str) -> bool:
         """True when ``point`` is quantized with per-token scales computed at run time."""
-        return self.mode == "token" and point in TOKEN_POINTS and self.act_bits(point) < FP
+        kv_token = self.kv_grid == "token" and POINTS[point].kv_cache
+        token = (self.mode == "token" and point in TOKEN_POINTS) or kv_token
+        return token and self.act_bits(point) < FP
 
     @property
     def quantizes_weights(self) -> bool:
@@ -101,7 +112,8 @@ class QuantConfig:
     def label(self) -> str:
         kv = "KV" if self.kv_only else ""
         mode = f"-{self.mode}" if self.mode != "paper" and self.abits < FP and not self.kv_only else ""
-        return f"W{self.wbits}A{self.abits}{kv}{mode}"
+        kv_grid = "-kvtoken" if self.kv_grid == "token" and self.act_bits("k") < FP else ""
+        return f"W{self.wbits}A{self.abits}{kv}{mode}{kv_grid}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,6 +36,7 @@ __all__ = [
     "backend", "set_backend", "using_backend", "compiled_available", "use_reference", "kv_row_bytes",
     "pack_weight", "unpack_weight", "linear_a16", "linear_aq", "fake_quant_act", "fake_quant_act_token",
     "reorder_norm", "kv_pack", "kv_unpack", "kv_append", "decode_attention",
+    "kv_token_grids", "fake_quant_kv_token", "kv_append_token", "kv_unpack_token", "decode_attention_token",
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -422,11 +423,17 @@ def ref_decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero
     """softmax(q kᵀ · scaling) v over the first kv_len cached positions, causal for the Tq queries
     (query i sees positions ≤ kv_len − Tq + i), GQA (query head h reads kv head h // (Hq / Hkv)),
     softmax in float32, P rounded to round(p·(2^p_bits−1))/(2^p_bits−1) when p_bits < FP."""
-    b, hq, tq, d = q.shape
-    hkv = k_packed.shape[1]
+    d = q.shape[-1]
     k = ref_kv_unpack(k_packed[:, :, :kv_len], k_scale, k_zero, bits, d)
     v = ref_kv_unpack(v_packed[:, :, :kv_len], v_scale, v_zero, bits, d)
-    rep = hq // hkv
+    return _causal_attention(q, k, v, scaling, p_bits)
+
+
+def _causal_attention(q, k, v, scaling, p_bits):
+    """The math of decode attention once K/V [B, Hkv, kv_len, D] are float: q [B, Hq, Tq, D] sits at the last
+    Tq positions."""
+    tq, kv_len = q.shape[2], k.shape[2]
+    rep = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(rep, 1)
     v = v.repeat_interleave(rep, 1)
     scores = (q.float() @ k.transpose(-1, -2)) * scaling
@@ -444,6 +451,179 @@ decode_attention = _define(
     "decode_attention(Tensor q, Tensor k_packed, Tensor v_packed, Tensor k_scale, Tensor k_zero, Tensor v_scale, "
     f"Tensor v_zero, int bits, int kv_len, float scaling, int p_bits={FP}) -> Tensor",
     check=_check_decode_attention, reference=ref_decode_attention, fake=lambda q, *a, **k: q.new_empty(q.shape))
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache on per-token grids: kv_append_token / kv_unpack_token / decode_attention_token
+#
+# The static grids above fix one (scale, zero) per channel at calibration. Here every token of every head
+# gets its own grid per channel group (the head's KMeans clusters), computed from its values as it is
+# appended and stored beside its codes: scale float16 [B, H, S, G], zero uint8 [B, H, S, G]. A real model's
+# keys and values swing by token (attention sinks, the first token) far more than one static range per
+# cluster can follow. Groups are given per head, group_sizes int32 [H, G] (each row sums to D); a head
+# with fewer clusters pads its row with zero-size groups, whose parameters are never read.
+# --------------------------------------------------------------------------------------------------
+KV_TOKEN_MIN_SCALE = 2.0 ** -14  # the smallest normal float16: a stored scale never rounds to 0 or a subnormal
+
+
+def _check_kv_token_groups(op, data, group_sizes, clip, h, d) -> int:
+    """group_sizes int32 [H, G] (≥ 0, rows summing to D) and, when given, clip float32 [H, G]; returns G."""
+    _check(group_sizes.dim() == 2 and group_sizes.shape[0] == h and group_sizes.dtype in _INTS, op,
+           f"group_sizes must be int32 [H={h}, G], got {group_sizes.dtype} {tuple(group_sizes.shape)}")
+    g = group_sizes.shape[1]
+    _check(g >= 1, op, "at least one group per head is needed")
+    _check(bool((group_sizes >= 0).all()), op, "group sizes must not be negative")
+    sums = group_sizes.sum(1).tolist()
+    _check(all(total == d for total in sums), op, f"each head's group sizes must sum to D={d}, got {sums}")
+    if clip is not None:
+        _check(tuple(clip.shape) == (h, g) and clip.dtype == torch.float32, op,
+               f"clip must be float32 [H={h}, G={g}], got {clip.dtype} {tuple(clip.shape)}")
+    _check_same_device(op, data, group_sizes=group_sizes, clip=clip)
+    return g
+
+
+def _check_kv_token_params(op, data, scale, zero, b, h, s, g) -> None:
+    _check(scale.dtype == torch.float16 and tuple(scale.shape) == (b, h, s, g), op,
+           f"scale must be float16 [B={b}, H={h}, S={s}, G={g}], got {scale.dtype} {tuple(scale.shape)}")
+    _check(zero.dtype == torch.uint8 and tuple(zero.shape) == (b, h, s, g), op,
+           f"zero must be uint8 [B={b}, H={h}, S={s}, G={g}], got {zero.dtype} {tuple(zero.shape)}")
+    _check_same_device(op, data, scale=scale, zero=zero)
+
+
+def kv_token_grids(x, group_sizes, clip, bits):
+    """The stored grid of each (token, head, group): x float [B, H, T, D] → scale float16 [B, H, T, G] and
+    zero uint8 [B, H, T, G].
+
+    The range is the group's min/max (widened to 0) times its clip ratio, as for activations
+    (:func:`grid.token_group_params`), but the scale is rounded to float16 (clamped to
+    ``KV_TOKEN_MIN_SCALE``) *before* the zero-point is derived from it, so the stored pair is the grid the
+    codes are written on."""
+    b, h, t, d = x.shape
+    g = group_sizes.shape[1]
+    index = torch.cat([torch.repeat_interleave(torch.arange(g, device=x.device), row.long())
+                       for row in group_sizes.to(x.device)]).view(h, d)
+    xf = x.float()
+    index = index[None, :, None, :].expand(b, h, t, d)
+    lo = xf.new_zeros((b, h, t, g)).scatter_reduce_(-1, index, xf, "amin")
+    hi = xf.new_zeros((b, h, t, g)).scatter_reduce_(-1, index, xf, "amax")
+    ratio = clip.float().to(x.device)[None, :, None, :]
+    lo, hi = lo * ratio, hi * ratio
+    scale = ((hi - lo) / grid.qmax(bits)).clamp_min(KV_TOKEN_MIN_SCALE).to(torch.float16)
+    zero = torch.round(-lo / scale.float()).clamp(0, grid.qmax(bits)).to(torch.uint8)
+    return scale, zero
+
+
+def fake_quant_kv_token(x, group_sizes, clip, bits):
+    """Quantize-dequantize x [B, H, T, D] exactly as the cache stores it on per-token grids (the simulation of
+    a per-token KV cache; pure torch, not an op). Returns the dtype of x."""
+    scale, zero = kv_token_grids(x, group_sizes, clip, bits)
+    scale, zero = _per_channel(scale, group_sizes), _per_channel(zero, group_sizes)
+    return grid.dequantize(grid.quantize(x, scale, zero, bits), scale, zero).to(x.dtype)
+
+
+def _per_channel(per_group, group_sizes):
+    """[B, H, T, G] per-group parameters → float32 [B, H, T, D] per channel (each head its own groups)."""
+    return torch.stack([grid.expand_groups(per_group[:, h].float(), sizes) for h, sizes in enumerate(group_sizes)], 1)
+
+
+def _check_kv_append_token(cache, scale, zero, x, group_sizes, clip, bits, pos):
+    op = "kv_append_token"
+    _check_bits(op, bits)
+    _check(x.dim() == 4 and x.dtype in _FLOATS, op, f"x must be a float [B, H, T, D], got {x.dtype} {tuple(x.shape)}")
+    b, h, t, d = x.shape
+    rb = kv_row_bytes(d, bits)
+    _check(cache.dtype == torch.uint8 and cache.dim() == 4 and tuple(cache.shape[:2]) == (b, h) and cache.shape[3] == rb,
+           op, f"cache must be uint8 [B={b}, H={h}, S, {rb}], got {cache.dtype} {tuple(cache.shape)}")
+    _check(cache.is_contiguous() and scale.is_contiguous() and zero.is_contiguous(), op,
+           "cache, scale and zero must be contiguous (they are written in place)")
+    _check(0 <= pos and pos + t <= cache.shape[2], op, f"positions {pos}..{pos + t} do not fit a cache of "
+           f"{cache.shape[2]}")
+    _check_same_device(op, x, cache=cache)
+    g = _check_kv_token_groups(op, x, group_sizes, clip, h, d)
+    _check_kv_token_params(op, x, scale, zero, b, h, cache.shape[2], g)
+
+
+def ref_kv_append_token(cache, scale, zero, x, group_sizes, clip, bits, pos):
+    """Quantize x [B, H, T, D] on its own per-token grids; write codes and grids at positions pos..pos+T."""
+    t_scale, t_zero = kv_token_grids(x, group_sizes, clip, bits)
+    codes = grid.quantize(x, _per_channel(t_scale, group_sizes), _per_channel(t_zero, group_sizes), bits)
+    end = pos + x.shape[2]
+    cache[:, :, pos:end] = pack_rows(codes, bits)
+    scale[:, :, pos:end] = t_scale
+    zero[:, :, pos:end] = t_zero
+
+
+kv_append_token = _define(
+    "kv_append_token(Tensor(a!) cache, Tensor(b!) scale, Tensor(c!) zero, Tensor x, Tensor group_sizes, "
+    "Tensor clip, int bits, int pos) -> ()",
+    check=_check_kv_append_token, reference=ref_kv_append_token, fake=lambda cache, *a: None)
+
+
+def _check_kv_unpack_token(packed, scale, zero, group_sizes, bits, D):
+    op = "kv_unpack_token"
+    _check_bits(op, bits)
+    _check(D >= 1, op, f"D must be positive, got {D}")
+    rb = kv_row_bytes(D, bits)
+    _check(packed.dtype == torch.uint8 and packed.dim() == 4 and packed.shape[3] == rb, op,
+           f"packed must be uint8 [B, H, T, {rb}] (rows of kv_row_bytes({D}, {bits})), got {packed.dtype} "
+           f"{tuple(packed.shape)}")
+    b, h, t = packed.shape[:3]
+    g = _check_kv_token_groups(op, packed, group_sizes, None, h, D)
+    _check_kv_token_params(op, packed, scale, zero, b, h, t, g)
+
+
+def ref_kv_unpack_token(packed, scale, zero, group_sizes, bits, D):
+    """Packed [B, H, T, row] with grids [B, H, T, G] → float32 [B, H, T, D]."""
+    return grid.dequantize(unpack_rows(packed, bits, D), _per_channel(scale, group_sizes),
+                           _per_channel(zero, group_sizes))
+
+
+kv_unpack_token = _define(
+    "kv_unpack_token(Tensor packed, Tensor scale, Tensor zero, Tensor group_sizes, int bits, int D) -> Tensor",
+    check=_check_kv_unpack_token, reference=ref_kv_unpack_token,
+    fake=lambda packed, *a: packed.new_empty((*packed.shape[:-1], a[-1]), dtype=torch.float32))
+
+
+def _check_decode_attention_token(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, k_group_sizes,
+                                  v_group_sizes, bits, kv_len, scaling, p_bits=FP):
+    op = "decode_attention_token"
+    _check_bits(op, bits)
+    _check(q.dim() == 4 and q.dtype in _FLOATS, op, f"q must be a float [B, Hq, Tq, D], got {q.dtype} "
+           f"{tuple(q.shape)}")
+    b, hq, tq, d = q.shape
+    rb = kv_row_bytes(d, bits)
+    for name, kv in (("k_packed", k_packed), ("v_packed", v_packed)):
+        _check(kv.dtype == torch.uint8 and kv.dim() == 4 and kv.shape[0] == b and kv.shape[3] == rb, op,
+               f"{name} must be uint8 [B={b}, Hkv, S, {rb}], got {kv.dtype} {tuple(kv.shape)}")
+    _check(k_packed.shape == v_packed.shape, op, "k_packed and v_packed differ in shape")
+    hkv, s = k_packed.shape[1], k_packed.shape[2]
+    _check(hkv >= 1 and hq % hkv == 0, op, f"Hq={hq} is not a multiple of Hkv={hkv}")
+    _check(tq <= kv_len <= s, op, f"need Tq={tq} <= kv_len={kv_len} <= S={s}")
+    _check(1 <= p_bits <= FP, op, f"p_bits must be in 1..{FP}, got {p_bits}")
+    _check_same_device(op, q, k_packed=k_packed, v_packed=v_packed)
+    gk = _check_kv_token_groups(op, q, k_group_sizes, None, hkv, d)
+    gv = _check_kv_token_groups(op, q, v_group_sizes, None, hkv, d)
+    _check_kv_token_params(op, q, k_scale, k_zero, b, hkv, s, gk)
+    _check_kv_token_params(op, q, v_scale, v_zero, b, hkv, s, gv)
+
+
+def ref_decode_attention_token(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, k_group_sizes,
+                               v_group_sizes, bits, kv_len, scaling, p_bits=FP):
+    """:func:`ref_decode_attention` over a cache on per-token grids."""
+    d = q.shape[-1]
+    k = ref_kv_unpack_token(k_packed[:, :, :kv_len], k_scale[:, :, :kv_len], k_zero[:, :, :kv_len], k_group_sizes,
+                            bits, d)
+    v = ref_kv_unpack_token(v_packed[:, :, :kv_len], v_scale[:, :, :kv_len], v_zero[:, :, :kv_len], v_group_sizes,
+                            bits, d)
+    return _causal_attention(q, k, v, scaling, p_bits)
+
+
+decode_attention_token = _define(
+    "decode_attention_token(Tensor q, Tensor k_packed, Tensor v_packed, Tensor k_scale, Tensor k_zero, "
+    "Tensor v_scale, Tensor v_zero, Tensor k_group_sizes, Tensor v_group_sizes, int bits, int kv_len, "
+    f"float scaling, int p_bits={FP}) -> Tensor",
+    check=_check_decode_attention_token, reference=ref_decode_attention_token,
+    fake=lambda q, *a, **k: q.new_empty(q.shape))
 
 
 # --------------------------------------------------------------------------------------------------

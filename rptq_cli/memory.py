@@ -24,7 +24,9 @@ the prediction against what that code really stores:
   (per head, each query head takes its KV head's clusters). KMeans can leave a cluster empty, so a real
   checkpoint may have fewer groups; :class:`Groups` with the counts of a real checkpoint gives its exact size.
 * **KV cache** (:func:`kv_bytes`): FP16 ``2 · layers · B · kv_heads · S · head_dim · 2``; packed (nn/kv_cache.py)
-  ``2 · layers · B · kv_heads · S · packed_row_bytes(head_dim, abits)`` (= ``PackedKVCache.nbytes()``); with the
+  ``2 · layers · B · kv_heads · S · packed_row_bytes(head_dim, abits)`` (= ``PackedKVCache.nbytes()``), plus
+  ``layers · B · kv_heads · S · 3 · (R2 + R3)`` on per-token grids (a float16 scale and a uint8 zero per cluster
+  of each head, token and K/V; ``--kv-grid token``); with the
   buffers preallocated for ``max_length = S`` the capacity is S rounded up to ``GROWTH_TOKENS`` (=
   ``reserved_nbytes()``).
 * **Peak of ``rptq quantize``** (:func:`quantize_peak`, layer streamed): the largest of its phases (embed,
@@ -46,6 +48,7 @@ from .quant.pack import packed_row_bytes
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"  #: offline config.json of big models (``rptq memory llama-70b``)
 RUNTIME_BYTES = 400 * 2**20  #: python + torch + transformers + rptq after import (measured RSS: ~350 MiB)
 GROWTH_TOKENS = 256  #: nn/kv_cache.py PackedKVLayer.GROWTH_TOKENS (kept equal by a test)
+KV_GRID_BYTES = 3  #: a per-token grid: float16 scale + uint8 zero (nn/kv_cache.py, kernels.kv_append_token)
 CLIP_SAMPLE_ROWS = 2048  #: quantize.py: token rows kept per activation point for the MSE clip search
 GiB = 2**30
 
@@ -268,14 +271,26 @@ def fp16_bytes(shapes: Shapes) -> int:
 # ------------------------------------------------------------------------------------------ KV cache
 
 
-def kv_bytes(shapes: Shapes, batch: int, seqlen: int, bits: int = FP, reserved: bool = False) -> int:
+def kv_bytes(shapes: Shapes, batch: int, seqlen: int, bits: int = FP, reserved: bool = False,
+             token_groups: tuple[int, int] = (0, 0)) -> int:
     """K and V of every layer for ``batch`` sequences of ``seqlen`` tokens.
 
-    bits 16: FP16 values. bits < 16: packed codes (PackedKVCache.nbytes); ``reserved``: the buffers a cache
-    built with ``max_length=seqlen`` allocates (capacity rounded up to GROWTH_TOKENS; reserved_nbytes)."""
+    bits 16: FP16 values. bits < 16: packed codes (PackedKVCache.nbytes), and with ``token_groups`` (clusters per
+    head of K and of V, :func:`kv_token_groups`) the per-token grids stored beside them; ``reserved``: the
+    buffers a cache built with ``max_length=seqlen`` allocates (capacity rounded up to GROWTH_TOKENS;
+    reserved_nbytes)."""
     row = shapes.head_dim * 2 if bits >= FP else packed_row_bytes(shapes.head_dim, bits)
     tokens = -(-seqlen // GROWTH_TOKENS) * GROWTH_TOKENS if reserved and bits < FP else seqlen
-    return 2 * shapes.layers * batch * shapes.n_kv * tokens * row
+    per_token_and_head = 2 * row + KV_GRID_BYTES * sum(token_groups)
+    return shapes.layers * batch * shapes.n_kv * tokens * per_token_and_head
+
+
+def kv_token_groups(shapes: Shapes, config: QuantConfig) -> tuple[int, int]:
+    """Clusters per KV head of K and of V whose grids the cache stores per token (0, 0 on static grids)."""
+    if not config.per_token("k"):
+        return 0, 0
+    g = Groups.nominal(shapes, config)
+    return g.k // shapes.n_kv, g.v // shapes.n_kv
 
 
 def kv_params_bytes(shapes: Shapes) -> int:
@@ -431,7 +446,9 @@ def run_peak(shapes: Shapes, config: QuantConfig, batch: int, seqlen: int, dtype
     compute dtype) + one layer's transients + the logits B · S · vocab f32 (evaluation scores every position)."""
     kv_bits = config.act_bits("k")
     if kv_bits < FP:
-        kv = kv_bytes(shapes, batch, seqlen, kv_bits) + kv_params_bytes(shapes)
+        token_groups = kv_token_groups(shapes, config)
+        kv = kv_bytes(shapes, batch, seqlen, kv_bits, token_groups=token_groups)
+        kv += 0 if any(token_groups) else kv_params_bytes(shapes)
     else:
         kv = kv_bytes(shapes, batch, seqlen) * dtype_bytes // 2
     scales = 0
@@ -465,12 +482,14 @@ def memory_report(raw: dict, configs: dict[str, QuantConfig], batch: int, seqlen
     for label, config in configs.items():
         ckpt = checkpoint_bytes(shapes, config)
         kv_bits = config.act_bits("k")
-        kv = kv_bytes(shapes, batch, seqlen, kv_bits) if kv_bits < FP else kv_bytes(shapes, batch, seqlen)
+        token_groups = kv_token_groups(shapes, config)
+        kv = kv_bytes(shapes, batch, seqlen, kv_bits, token_groups=token_groups)
         phases = quantize_phases(shapes, config, nsamples, seqlen)
         quant = phases[quantize_peak_phase(phases)]
         run = run_peak(shapes, config, batch, seqlen)
         columns[label] = {"weights": sum(ckpt.values()), "weights by kind": ckpt, "KV cache": kv,
-                          "KV cache reserved": kv_bytes(shapes, batch, seqlen, kv_bits, reserved=True),
+                          "KV cache reserved": kv_bytes(shapes, batch, seqlen, kv_bits, reserved=True,
+                                                        token_groups=token_groups),
                           "weights + KV cache": sum(ckpt.values()) + kv,
                           "quantize peak": sum(quant.values()), "quantize peak by term": quant,
                           "quantize peak phase": quantize_peak_phase(phases),

@@ -33,6 +33,10 @@ def _valid(device: str) -> dict:
         act_scale=scale, act_zero=zero, clip=torch.ones(len(GROUPS)),
         perm=torch.randperm(K, generator=g), weight=torch.ones(K), kv_x=torch.randn(1, heads, 3, d, generator=g),
         kv_scale=kv_scale, kv_zero=kv_zero, cache=cache, q=torch.randn(1, 4, 1, d, generator=g),
+        # per-token grids: heads × 3 groups (the second head's last one empty), grids [1, heads, 4, 3]
+        kv_groups=torch.tensor([[20, 30, 14], [40, 24, 0]], dtype=torch.int32), kv_clip=torch.ones(heads, 3),
+        grid_scale=torch.full((1, heads, 4, 3), 0.1, dtype=torch.float16),
+        grid_zero=torch.full((1, heads, 4, 3), 8, dtype=torch.uint8),
     )
     return {k: v.to(device) for k, v in args.items()}
 
@@ -56,6 +60,14 @@ def bad_calls(device: str = "cpu") -> list[tuple[str, str, tuple, str]]:
 
     def attention(q=q, k=c, v=c, k_scale=ks, k_zero=kz, bits=BITS, kv_len=4, p_bits=16):
         return (q, k, v, k_scale, k_zero, ks, kz, bits, kv_len, 0.1, p_bits)
+
+    kg, kc, gsc, gz = a["kv_groups"], a["kv_clip"], a["grid_scale"], a["grid_zero"]
+
+    def append_token(cache=c, scale=gsc, zero=gz, x=a["kv_x"][:, :, :1], groups=kg, clip=kc, bits=BITS, pos=0):
+        return (cache, scale, zero, x, groups, clip, bits, pos)
+
+    def attention_token(q=q, k=c, v=c, k_scale=gsc, k_zero=gz, k_groups=kg, bits=BITS, kv_len=4, p_bits=16):
+        return (q, k, v, k_scale, k_zero, gsc, gz, k_groups, kg, bits, kv_len, 0.1, p_bits)
 
     cases = [
         ("pack-dtype", "pack_weight", (a["codes"].int(), BITS), "uint8"),
@@ -116,9 +128,30 @@ def bad_calls(device: str = "cpu") -> list[tuple[str, str, tuple, str]]:
         ("attn-row-bytes", "decode_attention", attention(k=c[..., :-1], v=c[..., :-1]), "k_packed"),
         ("attn-p-bits", "decode_attention", attention(p_bits=17), "p_bits"),
         ("attn-bits", "decode_attention", attention(bits=5), "bits"),
+        ("tappend-fit", "kv_append_token", append_token(x=a["kv_x"], pos=2), "fit"),
+        ("tappend-group-sum", "kv_append_token", append_token(groups=kg + 1), "sum"),
+        ("tappend-group-negative", "kv_append_token",
+         append_token(groups=torch.tensor([[20, 30, 14], [66, -2, 0]], dtype=torch.int32, device=device)), "negative"),
+        ("tappend-group-heads", "kv_append_token", append_token(groups=kg[:1], clip=kc[:1]), "group_sizes"),
+        ("tappend-clip", "kv_append_token", append_token(clip=kc[:, :2]), "clip"),
+        ("tappend-scale-dtype", "kv_append_token", append_token(scale=gsc.float()), "scale"),
+        ("tappend-zero-shape", "kv_append_token", append_token(zero=gz[:, :, :3]), "zero"),
+        ("tappend-cache-strided", "kv_append_token", append_token(cache=strided_cache), "contiguous"),
+        ("tappend-bits", "kv_append_token", append_token(bits=5), "bits"),
+        ("tunpack-bytes", "kv_unpack_token", (c[..., :-1], gsc, gz, kg, BITS, K), "packed"),
+        ("tunpack-scale", "kv_unpack_token", (c, gsc[:, :, :3], gz, kg, BITS, K), "scale"),
+        ("tunpack-group-sum", "kv_unpack_token", (c, gsc, gz, kg, BITS, K - 1), "packed|sum"),
+        ("tattn-heads", "decode_attention_token", attention_token(q=q[:, :3]), "multiple"),
+        ("tattn-kv-len", "decode_attention_token", attention_token(kv_len=5), "kv_len"),
+        ("tattn-scale", "decode_attention_token", attention_token(k_scale=gsc[:, :1]), "scale"),
+        ("tattn-zero", "decode_attention_token", attention_token(k_zero=gz.int()), "zero"),
+        ("tattn-groups", "decode_attention_token", attention_token(k_groups=kg - 1), "sum|negative"),
+        ("tattn-p-bits", "decode_attention_token", attention_token(p_bits=17), "p_bits"),
+        ("tattn-bits", "decode_attention_token", attention_token(bits=5), "bits"),
     ]
     return cases
 
 
 OPS = ("pack_weight", "unpack_weight", "linear_a16", "linear_aq", "fake_quant_act", "fake_quant_act_token",
-       "reorder_norm", "kv_pack", "kv_unpack", "kv_append", "decode_attention")
+       "reorder_norm", "kv_pack", "kv_unpack", "kv_append", "decode_attention", "kv_append_token", "kv_unpack_token",
+       "decode_attention_token")

@@ -35,6 +35,10 @@ CONFIGS = [
     ("qwen2", QuantConfig(wbits=4, abits=16, clusters=SMALL), dict(hidden=64, heads=2, kv_heads=1, ffn=96)),
     ("opt", QuantConfig(wbits=4, abits=4, mode="token", clusters=SMALL), dict(hidden=64, heads=2)),
     ("llama", QuantConfig(wbits=4, abits=8, mode="token", clusters=SMALL), dict(hidden=64, heads=4, kv_heads=2, ffn=96)),
+    # K/V on per-token grids stored beside the codes (kv_grid="token")
+    ("llama", QuantConfig(wbits=4, abits=4, kv_only=True, kv_grid="token", clusters=SMALL),
+     dict(hidden=64, heads=4, kv_heads=2, ffn=96)),
+    ("opt", QuantConfig(wbits=4, abits=4, mode="token", kv_grid="token", clusters=SMALL), dict(hidden=64, heads=2)),
     # w4a4-fine's shape: many small groups (single RoPE pairs, 2-channel down_proj groups)
     ("llama", QuantConfig(wbits=4, abits=4, clusters=dict(SMALL, R2=8, R3=8, R5=48)),
      dict(hidden=64, heads=4, kv_heads=2, ffn=96)),

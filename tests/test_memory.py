@@ -13,7 +13,7 @@ from rptq_cli import memory, quantize
 from rptq_cli.cli import main
 from rptq_cli.config import QuantConfig
 from rptq_cli.export import load_quantized, save_quantized
-from rptq_cli.memory import Groups, checkpoint_bytes, kv_bytes, model_shapes, resident_bytes
+from rptq_cli.memory import Groups, checkpoint_bytes, kv_bytes, kv_token_groups, model_shapes, resident_bytes
 from rptq_cli.models import family_for
 from rptq_cli.nn.kv_cache import PackedKVCache, PackedKVLayer
 from rptq_cli.outliers import inject_outliers
@@ -35,6 +35,7 @@ CASES = [
     ("llama", QuantConfig(wbits=8, abits=8, mode="paper", clusters=SMALL), LLAMA),      # W8A8, static inputs
     ("qwen2", QuantConfig(wbits=4, abits=4, mode="strict", clusters=SMALL), dict(hidden=64, heads=2, kv_heads=1,
                                                                                   ffn=96)),  # q/k/v biases
+    ("llama", QuantConfig(wbits=4, abits=4, kv_only=True, kv_grid="token", clusters=SMALL), LLAMA),  # per-token KV
 ]
 
 
@@ -111,8 +112,8 @@ def test_checkpoint_bytes_are_exact(tmp_path, family, config, cfg):
         assert nominal == measured  # fixed groups and no cluster-sized tensors: no KMeans in the count
 
 
-@pytest.mark.parametrize("family,config,cfg", [CASES[4], CASES[5], CASES[7]], ids=["llama-W4A4KV", "opt-W8A8",
-                                                                                     "qwen2-W4A4"])
+@pytest.mark.parametrize("family,config,cfg", [CASES[4], CASES[5], CASES[7], CASES[8]],
+                         ids=["llama-W4A4KV", "opt-W8A8", "qwen2-W4A4", "llama-W4A4KV-kvtoken"])
 def test_kv_cache_and_resident_bytes(tmp_path, family, config, cfg):
     raw, out = quantized(family, config, cfg, tmp_path)
     shapes = model_shapes(raw)
@@ -132,8 +133,10 @@ def test_kv_cache_and_resident_bytes(tmp_path, family, config, cfg):
             model(ids, past_key_values=cache, use_cache=True)
             for _ in range(new):
                 model(ids[:, :1], past_key_values=cache, use_cache=True)
-        assert cache.nbytes() == kv_bytes(shapes, batch, seqlen + new, bits)
-        assert cache.reserved_nbytes() == kv_bytes(shapes, batch, seqlen + new, bits, reserved=True)
+        groups = kv_token_groups(shapes, config)
+        assert cache.nbytes() == kv_bytes(shapes, batch, seqlen + new, bits, token_groups=groups)
+        assert cache.reserved_nbytes() == kv_bytes(shapes, batch, seqlen + new, bits, reserved=True,
+                                                   token_groups=groups)
     assert kv_bytes(shapes, 2, 10) == 2 * shapes.layers * 2 * shapes.n_kv * 10 * shapes.head_dim * 2
 
 

@@ -25,7 +25,6 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from .. import kernels
 from .kv_cache import PackedKVLayer
 from .quantizers import ActQuant
 
@@ -40,6 +39,9 @@ class AttentionQuant(nn.Module):
         super().__init__()
         self.register_buffer("qk_perm", qk_perm)  # int64 [kv_heads, head_dim]: post-RoPE R2 gather
         self.q, self.k, self.v = q, k, v
+        for cached in (k, v):
+            if cached is not None:
+                cached.kv_cache = True
         self.p_bits = int(p_bits)
         self.window = window  # keys a query sees (the most recent); None: all. From the family, not stored
         self.observer: Callable[[str, torch.Tensor], None] | None = None
@@ -118,13 +120,8 @@ def packed_attention(spec: AttentionQuant, query: torch.Tensor, cache, attention
     cut = spec.window is not None and cache.length > spec.window
     if query.shape[0] == 1 and not (cut and new > 1):
         # a single sequence: the mask is purely causal, which the kernel applies itself; one new query under a
-        # window sees exactly the last `window` keys, copied out as a cache of their own (the kernel reads a
-        # contiguous [B, Hkv, S, row] buffer)
-        start = cache.length - spec.window if cut else 0
-        keys, values = ((codes[:, :, start:cache.length].contiguous() for codes in (cache.keys, cache.values))
-                        if cut else (cache.keys, cache.values))
-        out = kernels.decode_attention(query, keys, values, cache.k_scale, cache.k_zero, cache.v_scale,
-                                       cache.v_zero, cache.bits, cache.length - start, scaling, spec.p_bits)
+        # window sees exactly the last `window` keys
+        out = cache.attend(query, scaling, spec.p_bits, window=spec.window if cut else None)
     else:  # padded batches, and several queries under a window, carry a general mask: dequantize and attend
         key, value = cache.dequantized()
         out = attend(query, key, value, attention_mask, scaling, spec.p_bits)

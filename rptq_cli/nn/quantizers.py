@@ -27,6 +27,7 @@ class ActQuant(nn.Module):
         self.register_buffer("zero", None if zero is None else zero.to(torch.int32).contiguous())
         self.register_buffer("clip", None if clip is None else clip.float().contiguous())
         self.register_buffer("group_sizes", group_sizes.to(torch.int32).contiguous())
+        self.kv_cache = False  # set by AttentionQuant for K and V: per-token grids then follow the cache's format
 
     @classmethod
     def per_token(cls, group_sizes: torch.Tensor, bits: int, clip: torch.Tensor | None = None) -> "ActQuant":
@@ -42,6 +43,27 @@ class ActQuant(nn.Module):
         scale, zero = grid.affine_params(lo, hi, bits)
         return cls(scale, zero, group_sizes, bits)
 
+    def head_groups(self, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A per-token quantizer's groups (flat, head-major) as the KV cache kernels take them: group sizes int32
+        [heads, G] and clip ratios float32 [heads, G], shorter rows padded with empty groups."""
+        rows, row, filled = [], [], 0
+        for size, clip in zip(self.group_sizes.tolist(), self.clip.tolist()):
+            row.append((size, clip))
+            filled += size
+            if filled > head_dim:
+                raise ValueError(f"a KV group crosses a head boundary (head_dim {head_dim}): per-token KV grids "
+                                 "need per-head clusters")
+            if filled == head_dim:
+                rows.append(row)
+                row, filled = [], 0
+        if row or len(rows) != heads:
+            raise ValueError(f"the KV groups cover {len(rows)} heads of {head_dim} channels, expected {heads}")
+        g = max(map(len, rows))
+        rows = [r + [(0, 1.0)] * (g - len(r)) for r in rows]
+        sizes = torch.tensor([[size for size, _ in r] for r in rows], dtype=torch.int32, device=self.clip.device)
+        clips = torch.tensor([[clip for _, clip in r] for r in rows], dtype=torch.float32, device=self.clip.device)
+        return sizes, clips
+
     @property
     def channels(self) -> int:
         return int(self.group_sizes.sum())
@@ -52,8 +74,11 @@ class ActQuant(nn.Module):
         return kernels.fake_quant_act(x, self.scale, self.zero, self.group_sizes, self.bits)
 
     def forward_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize a [B, H, T, D] tensor whose channels are the flattened (H, D)."""
+        """Quantize a [B, H, T, D] tensor whose channels are the flattened (H, D). Per-token K and V are
+        quantized as the packed KV cache stores them (:meth:`head_groups`, ``kernels.fake_quant_kv_token``)."""
         b, h, t, d = x.shape
+        if self.dynamic and self.kv_cache:
+            return kernels.fake_quant_kv_token(x, *self.head_groups(h, d), self.bits)
         flat = x.transpose(1, 2).reshape(b, t, h * d)
         return self(flat).reshape(b, t, h, d).transpose(1, 2)
 
