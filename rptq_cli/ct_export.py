@@ -58,9 +58,9 @@ def _require_ct():
 def refuse_unexportable(config, checkpoint: str) -> None:
     """Activation/KV quantization has no other format; 16-bit weights have nothing to export."""
     if config.quantizes_acts:
-        raise RptqError(f"{checkpoint} is {config.label}: its activations or KV cache use static per-cluster scales, "
-                        "which no other runtime's format (compressed-tensors, GPTQ, AWQ, GGUF) expresses; `rptq "
-                        f"export` writes weight-only checkpoints (W4A16, W3A16, W8A16) as --format "
+        raise RptqError(f"{checkpoint} is {config.label}: its activations or KV cache use per-cluster scales "
+                        "(RPTQ's reorder), which no other runtime's format (compressed-tensors, GPTQ, AWQ, GGUF) "
+                        "expresses; `rptq export` writes weight-only checkpoints (W4A16, W3A16, W8A16) as --format "
                         f"{'|'.join(FORMATS)}; run this one with rptq (eval, generate, or from_pretrained after "
                         "`import rptq_cli`)")
     if not config.quantizes_weights:

@@ -49,7 +49,7 @@ def test_export_evaluates_like_the_checkpoint(tmp_path, family, config, shape):
 def test_activation_quantized_and_cluster_group_checkpoints_are_refused(tmp_path):
     kv = quantized_checkpoint(tmp_path / "kv", "llama")  # W4A4KV
     assert_user_error(run("export", kv, "--format", "compressed-tensors", "-o", tmp_path / "o1"),
-                      "W4A4KV", "static per-cluster scales", "compressed-tensors")
+                      "W4A4KV", "per-cluster scales", "compressed-tensors")
     clusters = quantized_checkpoint(tmp_path / "cl", "opt")  # W4A16 with cluster groups (uneven)
     assert_user_error(run("export", clusters, "--format", "compressed-tensors", "-o", tmp_path / "o2"),
                       "uneven", "--weight-groups 128")

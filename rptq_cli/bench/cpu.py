@@ -99,6 +99,36 @@ def bench_attention(heads, d, ctx, bits, reps, bw) -> list[dict]:
     return rows
 
 
+def bench_attention_token(heads, d, ctx, bits, groups, reps, bw) -> list[dict]:
+    """Decode attention over a cache on per-token grids (``--kv-grid token``; ``groups`` clusters per head)."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, heads, ctx, d, generator=g)
+    v = torch.randn(1, heads, ctx, d, generator=g)
+    q = torch.randn(1, heads, 1, d, generator=g)
+    sizes = torch.full((heads, groups), d // groups, dtype=torch.int32)
+    clip = torch.ones(heads, groups)
+    caches = []
+    for x in (k, v):
+        codes = torch.empty(1, heads, ctx, kernels.kv_row_bytes(d, bits), dtype=torch.uint8)
+        scale = torch.empty(1, heads, ctx, groups, dtype=torch.float16)
+        zero = torch.empty(1, heads, ctx, groups, dtype=torch.uint8)
+        kernels.kv_append_token(codes, scale, zero, x, sizes, clip, bits, 0)
+        caches.append((codes, scale, zero))
+    (kc, ks, kz), (vc, vs, vz) = caches
+    ours = (lambda kp, vp: kernels.decode_attention_token(q, kp, vp, ks, kz, vs, vz, sizes, sizes, bits, ctx,
+                                                          d ** -0.5), (kc, vc))
+    streamed = nbytes(kc, vc, ks, kz, vs, vz)
+    rows = []
+    for name, dtype in (("sdpa_fp32", torch.float32), ("sdpa_bf16", torch.bfloat16)):
+        qd = q.to(dtype)
+        ms, bms = time_pair(ours, (lambda kf, vf: F.scaled_dot_product_attention(qd, kf, vf),
+                                   (k.to(dtype), v.to(dtype))), reps)
+        gbps = streamed / ms / 1e6
+        rows.append(_row(f"kv{bits}_token_decode_attention", f"{heads}x{d} ctx {ctx} g{groups}", ms, name, bms,
+                         gbps=gbps, bw_frac=gbps / bw))
+    return rows
+
+
 def bench_kv_append(heads, d, bits, reps) -> list[dict]:
     x = torch.randn(1, heads, 1, d)
     scale, zero = grid.affine_params(torch.full((heads, d), -3.0), torch.full((heads, d), 3.0), bits)
@@ -146,6 +176,7 @@ def cpu_rows(quick: bool, add) -> None:
     add(bench_attention(32, 128, 4096, 4, reps, bw))
     if not quick:
         add(bench_attention(32, 128, 4096, 3, reps, bw))
+    add(bench_attention_token(32, 128, 4096, 4, 4, reps, bw))
     add(bench_kv_append(32, 128, 4, reps))
     add(bench_norm(1, 4096, False, reps))
     add(bench_norm(512, 4096, True, few))

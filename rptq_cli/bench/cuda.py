@@ -2,8 +2,9 @@
 
 Each row has the CPU rows' format (``op, shape, backend, ms, baseline, baseline_ms, speedup`` and ``gbps`` or
 ``gops``), plus ``device``; :mod:`.timing` says how both sides are timed (CUDA graphs over rotating copies of
-the inputs). The compiled ops are called through ``torch.ops.rptq`` directly: the public wrappers validate their
-inputs on the host (which synchronizes), which a model does once at load time, not per call.
+the inputs). The ops are ``torch.ops.rptq`` (``rptq_cli.kernels``); their checks read group sizes and permutations
+on the host; under a CUDA graph they are skipped (the eager call before capture ran them), so the rows time the
+kernels.
 
     python -m rptq_cli.bench.cuda [--quick] [--json rows.json]
 """
