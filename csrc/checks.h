@@ -212,20 +212,24 @@ inline void check_kv_pack(const Tensor& x, const Tensor& scale, const Tensor& ze
   check_kv_params(op, x, scale, zero, x.size(1), x.size(3));
 }
 
-inline void check_kv_unpack(const Tensor& packed, const Tensor& scale, const Tensor& zero, int64_t bits, int64_t D) {
-  const char* op = "kv_unpack";
+// Packed K or V codes [B, H, T, row] of D channels (either grid).
+inline void check_packed_kv(const char* op, const Tensor& packed, int64_t bits, int64_t D) {
   check_bits(op, bits);
   RPTQ_CHECK_ARG(D >= 0, op, "D must not be negative, got ", D);
   const int64_t rb = rptq_layout::row_bytes(D, bits);
   RPTQ_CHECK_ARG(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(3) == rb, op,
                  "packed must be uint8 [B, H, T, ", rb, "] (rows of kv_row_bytes(", D, ", ", bits, ")), got ",
                  packed.scalar_type(), " ", packed.sizes());
+}
+
+inline void check_kv_unpack(const Tensor& packed, const Tensor& scale, const Tensor& zero, int64_t bits, int64_t D) {
+  const char* op = "kv_unpack";
+  check_packed_kv(op, packed, bits, D);
   check_kv_params(op, packed, scale, zero, packed.size(1), D);
 }
 
-inline void check_kv_append(const Tensor& cache, const Tensor& x, const Tensor& scale, const Tensor& zero,
-                            int64_t bits, int64_t pos) {
-  const char* op = "kv_append";
+// x [B, H, T, D] against the codes of a KV cache it is written into at `pos` (either grid).
+inline void check_append(const char* op, const Tensor& cache, const Tensor& x, int64_t bits, int64_t pos) {
   check_bits(op, bits);
   RPTQ_CHECK_ARG(x.dim() == 4 && is_float(x), op, "x must be a float [B, H, T, D], got ", x.scalar_type(), " ",
                  x.sizes());
@@ -238,13 +242,18 @@ inline void check_kv_append(const Tensor& cache, const Tensor& x, const Tensor& 
   RPTQ_CHECK_ARG(pos >= 0 && pos + T <= cache.size(2), op, "positions ", pos, "..", pos + T,
                  " do not fit a cache of ", cache.size(2));
   check_same_device(op, x, {{&cache, "cache"}});
-  check_kv_params(op, x, scale, zero, H, x.size(3));
 }
 
-inline void check_decode_attention(const Tensor& q, const Tensor& k_packed, const Tensor& v_packed,
-                                   const Tensor& k_scale, const Tensor& k_zero, const Tensor& v_scale,
-                                   const Tensor& v_zero, int64_t bits, int64_t kv_len, int64_t p_bits) {
-  const char* op = "decode_attention";
+inline void check_kv_append(const Tensor& cache, const Tensor& x, const Tensor& scale, const Tensor& zero,
+                            int64_t bits, int64_t pos) {
+  const char* op = "kv_append";
+  check_append(op, cache, x, bits, pos);
+  check_kv_params(op, x, scale, zero, x.size(1), x.size(3));
+}
+
+// q against the packed K/V codes of decode attention (either grid).
+inline void check_attention_cache(const char* op, const Tensor& q, const Tensor& k_packed, const Tensor& v_packed,
+                                  int64_t bits, int64_t kv_len, int64_t p_bits) {
   check_bits(op, bits);
   RPTQ_CHECK_ARG(q.dim() == 4 && is_float(q), op, "q must be a float [B, Hq, Tq, D], got ", q.scalar_type(), " ",
                  q.sizes());
@@ -258,6 +267,14 @@ inline void check_decode_attention(const Tensor& q, const Tensor& k_packed, cons
   RPTQ_CHECK_ARG(Tq <= kv_len && kv_len <= S, op, "need Tq=", Tq, " <= kv_len=", kv_len, " <= S=", S);
   RPTQ_CHECK_ARG(p_bits >= 1 && p_bits <= kFloatBits, op, "p_bits must be in 1..", kFloatBits, ", got ", p_bits);
   check_same_device(op, q, {{&k_packed, "k_packed"}, {&v_packed, "v_packed"}});
+}
+
+inline void check_decode_attention(const Tensor& q, const Tensor& k_packed, const Tensor& v_packed,
+                                   const Tensor& k_scale, const Tensor& k_zero, const Tensor& v_scale,
+                                   const Tensor& v_zero, int64_t bits, int64_t kv_len, int64_t p_bits) {
+  const char* op = "decode_attention";
+  check_attention_cache(op, q, k_packed, v_packed, bits, kv_len, p_bits);
+  const int64_t Hkv = k_packed.size(1);
   check_kv_params(op, q, k_scale, k_zero, Hkv, q.size(3));
   check_kv_params(op, q, v_scale, v_zero, Hkv, q.size(3));
 }
@@ -304,19 +321,10 @@ inline void check_kv_token_params(const char* op, const Tensor& data, const Tens
 inline void check_kv_append_token(const Tensor& cache, const Tensor& scale, const Tensor& zero, const Tensor& x,
                                   const Tensor& group_sizes, const Tensor& clip, int64_t bits, int64_t pos) {
   const char* op = "kv_append_token";
-  check_bits(op, bits);
-  RPTQ_CHECK_ARG(x.dim() == 4 && is_float(x), op, "x must be a float [B, H, T, D], got ", x.scalar_type(), " ",
-                 x.sizes());
-  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), rb = rptq_layout::row_bytes(x.size(3), bits);
-  RPTQ_CHECK_ARG(cache.scalar_type() == at::kByte && cache.dim() == 4 && cache.size(0) == B && cache.size(1) == H &&
-                     cache.size(3) == rb,
-                 op, "cache must be uint8 [B=", B, ", H=", H, ", S, ", rb, "], got ", cache.scalar_type(), " ",
-                 cache.sizes());
-  RPTQ_CHECK_ARG(cache.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), op,
-                 "cache, scale and zero must be contiguous (they are written in place)");
-  RPTQ_CHECK_ARG(pos >= 0 && pos + T <= cache.size(2), op, "positions ", pos, "..", pos + T,
-                 " do not fit a cache of ", cache.size(2));
-  check_same_device(op, x, {{&cache, "cache"}});
+  check_append(op, cache, x, bits, pos);
+  RPTQ_CHECK_ARG(scale.is_contiguous() && zero.is_contiguous(), op,
+                 "scale and zero must be contiguous (they are written in place)");
+  const int64_t B = x.size(0), H = x.size(1);
   const int64_t G = check_kv_token_groups(op, x, group_sizes, &clip, H, x.size(3));
   check_kv_token_params(op, x, scale, zero, B, H, cache.size(2), G);
 }
@@ -324,12 +332,7 @@ inline void check_kv_append_token(const Tensor& cache, const Tensor& scale, cons
 inline void check_kv_unpack_token(const Tensor& packed, const Tensor& scale, const Tensor& zero,
                                   const Tensor& group_sizes, int64_t bits, int64_t D) {
   const char* op = "kv_unpack_token";
-  check_bits(op, bits);
-  RPTQ_CHECK_ARG(D >= 1, op, "D must be positive, got ", D);
-  const int64_t rb = rptq_layout::row_bytes(D, bits);
-  RPTQ_CHECK_ARG(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.size(3) == rb, op,
-                 "packed must be uint8 [B, H, T, ", rb, "] (rows of kv_row_bytes(", D, ", ", bits, ")), got ",
-                 packed.scalar_type(), " ", packed.sizes());
+  check_packed_kv(op, packed, bits, D);
   const int64_t G = check_kv_token_groups(op, packed, group_sizes, nullptr, packed.size(1), D);
   check_kv_token_params(op, packed, scale, zero, packed.size(0), packed.size(1), packed.size(2), G);
 }
@@ -339,19 +342,8 @@ inline void check_decode_attention_token(const Tensor& q, const Tensor& k_packed
                                          const Tensor& v_zero, const Tensor& k_group_sizes,
                                          const Tensor& v_group_sizes, int64_t bits, int64_t kv_len, int64_t p_bits) {
   const char* op = "decode_attention_token";
-  check_bits(op, bits);
-  RPTQ_CHECK_ARG(q.dim() == 4 && is_float(q), op, "q must be a float [B, Hq, Tq, D], got ", q.scalar_type(), " ",
-                 q.sizes());
-  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3), rb = rptq_layout::row_bytes(D, bits);
-  for (const auto& [t, name] : {std::pair{&k_packed, "k_packed"}, std::pair{&v_packed, "v_packed"}})
-    RPTQ_CHECK_ARG(t->scalar_type() == at::kByte && t->dim() == 4 && t->size(0) == B && t->size(3) == rb, op, name,
-                   " must be uint8 [B=", B, ", Hkv, S, ", rb, "], got ", t->scalar_type(), " ", t->sizes());
-  RPTQ_CHECK_ARG(k_packed.sizes() == v_packed.sizes(), op, "k_packed and v_packed differ in shape");
-  const int64_t Hkv = k_packed.size(1), S = k_packed.size(2);
-  RPTQ_CHECK_ARG(Hkv >= 1 && Hq % Hkv == 0, op, "Hq=", Hq, " is not a multiple of Hkv=", Hkv);
-  RPTQ_CHECK_ARG(Tq <= kv_len && kv_len <= S, op, "need Tq=", Tq, " <= kv_len=", kv_len, " <= S=", S);
-  RPTQ_CHECK_ARG(p_bits >= 1 && p_bits <= kFloatBits, op, "p_bits must be in 1..", kFloatBits, ", got ", p_bits);
-  check_same_device(op, q, {{&k_packed, "k_packed"}, {&v_packed, "v_packed"}});
+  check_attention_cache(op, q, k_packed, v_packed, bits, kv_len, p_bits);
+  const int64_t B = q.size(0), D = q.size(3), Hkv = k_packed.size(1), S = k_packed.size(2);
   const int64_t Gk = check_kv_token_groups(op, q, k_group_sizes, nullptr, Hkv, D);
   const int64_t Gv = check_kv_token_groups(op, q, v_group_sizes, nullptr, Hkv, D);
   check_kv_token_params(op, q, k_scale, k_zero, B, Hkv, S, Gk);

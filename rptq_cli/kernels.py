@@ -347,13 +347,18 @@ kv_pack = _define(
                                                   dtype=torch.uint8))
 
 
-def _check_kv_unpack(packed, scale, zero, bits, D):
-    _check_bits("kv_unpack", bits)
-    _check(D >= 0, "kv_unpack", f"D must not be negative, got {D}")
+def _check_packed_kv(op, packed, bits, D) -> None:
+    """Packed K or V codes [B, H, T, row] of D channels (either grid)."""
+    _check_bits(op, bits)
+    _check(D >= 0, op, f"D must not be negative, got {D}")
     rb = kv_row_bytes(D, bits)
-    _check(packed.dtype == torch.uint8 and packed.dim() == 4 and packed.shape[3] == rb, "kv_unpack",
+    _check(packed.dtype == torch.uint8 and packed.dim() == 4 and packed.shape[3] == rb, op,
            f"packed must be uint8 [B, H, T, {rb}] (rows of kv_row_bytes({D}, {bits})), got {packed.dtype} "
            f"{tuple(packed.shape)}")
+
+
+def _check_kv_unpack(packed, scale, zero, bits, D):
+    _check_packed_kv("kv_unpack", packed, bits, D)
     _check_kv_params("kv_unpack", packed, scale, zero, packed.shape[1], D)
 
 
@@ -369,8 +374,8 @@ kv_unpack = _define(
     fake=lambda packed, scale, zero, bits, D: packed.new_empty((*packed.shape[:-1], D), dtype=torch.float32))
 
 
-def _check_kv_append(cache, x, scale, zero, bits, pos):
-    op = "kv_append"
+def _check_append(op, cache, x, bits, pos) -> tuple[int, int, int]:
+    """x [B, H, T, D] against the codes of a KV cache it is written into at ``pos``; returns (B, H, D)."""
     _check_bits(op, bits)
     _check(x.dim() == 4 and x.dtype in _FLOATS, op, f"x must be a float [B, H, T, D], got {x.dtype} {tuple(x.shape)}")
     b, h, t, d = x.shape
@@ -381,6 +386,12 @@ def _check_kv_append(cache, x, scale, zero, bits, pos):
     _check(0 <= pos and pos + t <= cache.shape[2], op, f"positions {pos}..{pos + t} do not fit a cache of "
            f"{cache.shape[2]}")
     _check_same_device(op, x, cache=cache)
+    return b, h, d
+
+
+def _check_kv_append(cache, x, scale, zero, bits, pos):
+    op = "kv_append"
+    _, h, d = _check_append(op, cache, x, bits, pos)
     _check_kv_params(op, x, scale, zero, h, d)
 
 
@@ -397,9 +408,8 @@ kv_append = _define(
 # --------------------------------------------------------------------------------------------------
 # decode_attention: attention of new queries over a packed KV cache, never materializing fp K/V
 # --------------------------------------------------------------------------------------------------
-def _check_decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bits, kv_len, scaling,
-                            p_bits=FP):
-    op = "decode_attention"
+def _check_attention_cache(op, q, k_packed, v_packed, bits, kv_len, p_bits) -> tuple[int, int, int, int]:
+    """q against the packed K/V codes of decode attention (either grid); returns (B, Hkv, S, D)."""
     _check_bits(op, bits)
     _check(q.dim() == 4 and q.dtype in _FLOATS, op, f"q must be a float [B, Hq, Tq, D], got {q.dtype} "
            f"{tuple(q.shape)}")
@@ -414,6 +424,13 @@ def _check_decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_z
     _check(tq <= kv_len <= s, op, f"need Tq={tq} <= kv_len={kv_len} <= S={s}")
     _check(1 <= p_bits <= FP, op, f"p_bits must be in 1..{FP}, got {p_bits}")
     _check_same_device(op, q, k_packed=k_packed, v_packed=v_packed)
+    return b, hkv, s, d
+
+
+def _check_decode_attention(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, bits, kv_len, scaling,
+                            p_bits=FP):
+    op = "decode_attention"
+    _, hkv, _, d = _check_attention_cache(op, q, k_packed, v_packed, bits, kv_len, p_bits)
     _check_kv_params(op, q, k_scale, k_zero, hkv, d)
     _check_kv_params(op, q, v_scale, v_zero, hkv, d)
 
@@ -528,17 +545,9 @@ def _per_channel(per_group, group_sizes):
 
 def _check_kv_append_token(cache, scale, zero, x, group_sizes, clip, bits, pos):
     op = "kv_append_token"
-    _check_bits(op, bits)
-    _check(x.dim() == 4 and x.dtype in _FLOATS, op, f"x must be a float [B, H, T, D], got {x.dtype} {tuple(x.shape)}")
-    b, h, t, d = x.shape
-    rb = kv_row_bytes(d, bits)
-    _check(cache.dtype == torch.uint8 and cache.dim() == 4 and tuple(cache.shape[:2]) == (b, h) and cache.shape[3] == rb,
-           op, f"cache must be uint8 [B={b}, H={h}, S, {rb}], got {cache.dtype} {tuple(cache.shape)}")
-    _check(cache.is_contiguous() and scale.is_contiguous() and zero.is_contiguous(), op,
-           "cache, scale and zero must be contiguous (they are written in place)")
-    _check(0 <= pos and pos + t <= cache.shape[2], op, f"positions {pos}..{pos + t} do not fit a cache of "
-           f"{cache.shape[2]}")
-    _check_same_device(op, x, cache=cache)
+    b, h, d = _check_append(op, cache, x, bits, pos)
+    _check(scale.is_contiguous() and zero.is_contiguous(), op, "scale and zero must be contiguous (they are written "
+           "in place)")
     g = _check_kv_token_groups(op, x, group_sizes, clip, h, d)
     _check_kv_token_params(op, x, scale, zero, b, h, cache.shape[2], g)
 
@@ -561,12 +570,7 @@ kv_append_token = _define(
 
 def _check_kv_unpack_token(packed, scale, zero, group_sizes, bits, D):
     op = "kv_unpack_token"
-    _check_bits(op, bits)
-    _check(D >= 1, op, f"D must be positive, got {D}")
-    rb = kv_row_bytes(D, bits)
-    _check(packed.dtype == torch.uint8 and packed.dim() == 4 and packed.shape[3] == rb, op,
-           f"packed must be uint8 [B, H, T, {rb}] (rows of kv_row_bytes({D}, {bits})), got {packed.dtype} "
-           f"{tuple(packed.shape)}")
+    _check_packed_kv(op, packed, bits, D)
     b, h, t = packed.shape[:3]
     g = _check_kv_token_groups(op, packed, group_sizes, None, h, D)
     _check_kv_token_params(op, packed, scale, zero, b, h, t, g)
@@ -587,20 +591,7 @@ kv_unpack_token = _define(
 def _check_decode_attention_token(q, k_packed, v_packed, k_scale, k_zero, v_scale, v_zero, k_group_sizes,
                                   v_group_sizes, bits, kv_len, scaling, p_bits=FP):
     op = "decode_attention_token"
-    _check_bits(op, bits)
-    _check(q.dim() == 4 and q.dtype in _FLOATS, op, f"q must be a float [B, Hq, Tq, D], got {q.dtype} "
-           f"{tuple(q.shape)}")
-    b, hq, tq, d = q.shape
-    rb = kv_row_bytes(d, bits)
-    for name, kv in (("k_packed", k_packed), ("v_packed", v_packed)):
-        _check(kv.dtype == torch.uint8 and kv.dim() == 4 and kv.shape[0] == b and kv.shape[3] == rb, op,
-               f"{name} must be uint8 [B={b}, Hkv, S, {rb}], got {kv.dtype} {tuple(kv.shape)}")
-    _check(k_packed.shape == v_packed.shape, op, "k_packed and v_packed differ in shape")
-    hkv, s = k_packed.shape[1], k_packed.shape[2]
-    _check(hkv >= 1 and hq % hkv == 0, op, f"Hq={hq} is not a multiple of Hkv={hkv}")
-    _check(tq <= kv_len <= s, op, f"need Tq={tq} <= kv_len={kv_len} <= S={s}")
-    _check(1 <= p_bits <= FP, op, f"p_bits must be in 1..{FP}, got {p_bits}")
-    _check_same_device(op, q, k_packed=k_packed, v_packed=v_packed)
+    b, hkv, s, d = _check_attention_cache(op, q, k_packed, v_packed, bits, kv_len, p_bits)
     gk = _check_kv_token_groups(op, q, k_group_sizes, None, hkv, d)
     gv = _check_kv_token_groups(op, q, v_group_sizes, None, hkv, d)
     _check_kv_token_params(op, q, k_scale, k_zero, b, hkv, s, gk)

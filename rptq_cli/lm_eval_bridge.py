@@ -7,14 +7,12 @@ lm-eval is an optional extra; it is imported only here.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 from pathlib import Path
 
 from .errors import RptqError
-from .loading import input_device
+from .loading import input_device, quiet_logger
 
 # metrics written per task; lm-eval reports them as "acc,none" (metric, filter)
 METRICS = ("acc", "acc_norm", "perplexity", "word_perplexity", "exact_match")
@@ -70,18 +68,6 @@ def task_metrics(results: dict, n_samples: dict) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _quiet():
-    """lm-eval logs every step at INFO/WARNING (and warns that a model object ignores its arguments)."""
-    logger = logging.getLogger("lm_eval")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, include: str | None = None, manager=None,
                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 1) -> dict:
     """Run lm-eval ``tasks`` on ``model`` (a transformers model object, on its device) → :func:`task_metrics`.
@@ -92,7 +78,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, include: str | None = 
     simple_evaluate, HFLM, _ = _lm_eval()
     manager = manager or task_manager(list(tasks), include)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with _quiet():
+    with quiet_logger("lm_eval"):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         # HFLM puts inputs on a model object's first parameter's device: the meta device when accelerate offloaded
         # the embeddings (--device-map); the main device of the map is where inputs belong

@@ -483,7 +483,7 @@ def _infer_device_map(model: nn.Module, family: Family, kind: str, budgets: dict
     if kind == "balanced":  # it balances GPUs only, and cannot read a "disk" key (accelerate 1.15)
         disk = {"disk": budgets.pop("disk")} if "disk" in budgets else {}
         budgets = {**get_balanced_memory(model, budgets, no_split_module_classes=no_split), **disk}
-    with quiet_accelerate():
+    with quiet_logger("accelerate"):
         device_map = infer_auto_device_map(model, budgets, no_split_module_classes=no_split, offload_buffers=True)
     if device_map.get("") == "disk":
         largest = max((sizes[name] for name in _decoder_layers(model, family)))
@@ -519,7 +519,7 @@ def place_model(model: nn.Module, family: Family, device_map: str | dict, max_me
     main = main_device(device_map.values())
     if "disk" in device_map.values() and offload_dir is None:
         raise ValueError("modules placed on disk need an offload_dir")
-    with quiet_accelerate():
+    with quiet_logger("accelerate"):
         dispatch_model(model, device_map, main_device=main.index if main.type == "cuda" else "cpu",
                        offload_dir=offload_dir, offload_buffers=True,
                        preload_module_classes=[type(family.decoder_layers(model)[0]).__name__])
@@ -573,11 +573,11 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def quiet_accelerate():
-    """accelerate logs a warning for every offloaded model and every budget it rounds; our messages say what
-    matters."""
+def quiet_logger(name: str):
+    """Silence library ``name`` below ERROR for the block: accelerate warns for every offloaded model and every
+    budget it rounds, lm-eval logs every step; our own messages say what matters."""
     import logging
-    logger = logging.getLogger("accelerate")
+    logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:

@@ -16,6 +16,7 @@ TABLE = {
     "w4a4-strict": (4, 4, 4, 4, 4, 4, 4, 4),
     "w4a8-strict": (8, 8, 8, 8, 8, 8, 8, 8),
     "w4a4kv": (16, 16, 4, 4, 16, 16, 16, 16),
+    "w4a4kv-token": (16, 16, 4, 4, 16, 16, 16, 16),
     "w4a3kv": (16, 16, 3, 3, 16, 16, 16, 16),
     "w3a3kv": (16, 16, 3, 3, 16, 16, 16, 16),
 }
@@ -39,6 +40,17 @@ def test_flags_override_presets():
     assert build_config("w4a4", mode="strict").label == "W4A4-strict"
     fine = build_config("w4a4-fine", clusters={"R1": 16})  # --clusters changes only the points it names
     assert fine.clusters == {"R1": 16, "R2": 16, "R3": 16, "R4": 32, "R5": 128} and fine.mode == "token"
+
+
+def test_kv_grid_puts_only_k_and_v_on_per_token_grids():
+    static, token = build_config("w4a4kv"), build_config("w4a4kv-token")
+    assert static.kv_grid == "static" and token.kv_grid == "token" and token.label == "W4A4KV-kvtoken"
+    assert [p for p in ACT_POINTS if token.per_token(p)] == ["k", "v"]
+    assert not any(static.per_token(p) for p in ACT_POINTS)
+    paper = build_config("w4a4-paper", kv_grid="token")  # static activations, per-token KV
+    assert [p for p in ACT_POINTS if paper.per_token(p)] == ["k", "v"]
+    with pytest.raises(RptqError, match="--kv-grid"):
+        QuantConfig(wbits=4, abits=4, kv_grid="dynamic")
 
 
 def test_round_trip_through_dict():
