@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .errors import RptqError
 from .models.base import Family
 from .nn.attention import AttentionQuant, use_rptq_attention
+from .nn.linear import QuantLinear
 from .points import ACT_POINTS, STAT_POINTS
 from .stats_file import LayerStats
 
@@ -115,8 +116,8 @@ class LayerRunner:
             return
         self.streamed.release(self.prefix(i))
         for module in self.layers[i].modules():
-            if getattr(module, "_cpu_scales", None) is not None:
-                module._cpu_scales = None
+            if isinstance(module, QuantLinear):
+                module.drop_kernel_scales()
         _trim_heap()
 
     def _embedding_paths(self) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from rptq_cli.errors import RptqError
+from rptq_cli.errors import RptqError, first_line
 
 
 @dataclass(frozen=True)
@@ -275,8 +275,8 @@ def _parquet_texts(file: Path) -> list[str]:
             raise RptqError(f'{file}: the "text" column holds {column_type}, not strings; store the text as strings')
         column = pq.read_table(file, columns=["text"]).column("text")
     except (pa.ArrowException, OSError) as error:
-        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RptqError(f"cannot read parquet file {file} ({cause}); it is corrupted or not a parquet file") from None
+        raise RptqError(f"cannot read parquet file {file} ({first_line(error)}); it is corrupted or not a parquet "
+                        "file") from None
     return [text for text in column.to_pylist() if text is not None]
 
 
@@ -287,10 +287,10 @@ def _hub_texts(split: HubSplit) -> Sequence[str]:
     try:
         rows = datasets.load_dataset(split.path, split.name, split=split.split, data_files=split.data_files)
     except Exception as error:  # the hub raises many types (offline, not found, gated); all mean the same here
-        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RptqError(
-            f"could not load dataset {split.describe()} ({cause}); connect to the Hugging Face hub once to cache "
-            "it, or give the text as a local file (--calib-path FILE to calibrate, --data-path FILE to evaluate)"
+            f"could not load dataset {split.describe()} ({first_line(error)}); connect to the Hugging Face hub once "
+            "to cache it, or give the text as a local file (--calib-path FILE to calibrate, --data-path FILE to "
+            "evaluate)"
         ) from None
     return rows[split.field]
 

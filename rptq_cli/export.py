@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import __version__, outputs
 from .config import QuantConfig
-from .errors import RptqError
+from .errors import RptqError, first_line
 from .hf_hook import NEEDS_IMPORT
 from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_sizes, check_permutation,
                         check_same_groups, check_scales, directory_hashes, file_sha256, verify_hashes)
@@ -542,8 +542,8 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     try:
         hf_config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RptqError(f"cannot read the config of checkpoint {directory} ({first}); it is corrupted") from None
+        raise RptqError(f"cannot read the config of checkpoint {directory} ({first_line(exc)}); it is "
+                        "corrupted") from None
     family: Family = family_for(hf_config)
     tensors = _Tensors(_weight_files(directory), directory)
     with torch.device("meta"):

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .errors import RptqError
+from .errors import RptqError, first_line
 from .gguf_source import resolve_gguf
 from .models import Family, family_for
 from .strict import require_complete, require_float_weights, require_fp_source, require_tokenizer
@@ -54,17 +54,12 @@ def load_config(name: str):
     try:
         return AutoConfig.from_pretrained(str(Path(name).expanduser()) if _looks_local(name) else name)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RptqError(f"cannot load model {name!r}: {first}; pass a local directory with config.json "
+        raise RptqError(f"cannot load model {name!r}: {first_line(exc)}; pass a local directory with config.json "
                         "or a hub id reachable from this machine") from None
 
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 class WeightFiles:
@@ -122,7 +117,7 @@ class WeightFiles:
                     piece = f.get_slice(key)
                     self.dtype_of[key], self.shape_of[key] = piece.get_dtype(), tuple(piece.get_shape())
         except Exception as exc:  # SafetensorError, OSError: the header or the file length is wrong
-            raise RptqError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or corrupted; "
+            raise RptqError(f"cannot read {path} ({first_line(exc)}): the file is truncated or corrupted; "
                             f"{self.fix}") from None
         self._keys[file] = set(keys)
 
@@ -137,7 +132,7 @@ class WeightFiles:
             with safe_open(str(path), "pt") as f:
                 return f.get_tensor(key)
         except Exception as exc:
-            raise RptqError(f"cannot read {path} ({_first_line(exc)}): the file is truncated or corrupted; "
+            raise RptqError(f"cannot read {path} ({first_line(exc)}): the file is truncated or corrupted; "
                             f"{self.fix}") from None
 
     def read_many(self, keys):
@@ -298,7 +293,7 @@ def open_model(name: str, dtype: torch.dtype = torch.float32) -> StreamedModel:
         if (local / "generation_config.json").is_file():
             model.generation_config = GenerationConfig.from_pretrained(str(local))
     except (OSError, ValueError) as exc:
-        raise RptqError(f"cannot load model {name!r}: {_first_line(exc)}; the files are truncated, corrupted or "
+        raise RptqError(f"cannot load model {name!r}: {first_line(exc)}; the files are truncated, corrupted or "
                         "missing") from None
     sources = _match_files(model, files, name)
     require_float_weights(local, {key for key, _ in model.named_parameters()}, name)
@@ -316,7 +311,7 @@ def _load_whole(name: str, dtype: torch.dtype, family: Family) -> tuple[nn.Modul
                                                                ignore_mismatched_sizes=True)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError, SafetensorError) as exc:
-        raise RptqError(f"cannot load model {name!r}: {_first_line(exc)}; the files are truncated, corrupted or "
+        raise RptqError(f"cannot load model {name!r}: {first_line(exc)}; the files are truncated, corrupted or "
                         "missing") from None
     require_complete(info, name)
     require_tokenizer(tokenizer, name)
@@ -416,7 +411,7 @@ def read_device_map(spec: str) -> str | dict[str, int | str]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise RptqError(f"--device-map {spec}: cannot read it as JSON ({_first_line(exc)})") from None
+        raise RptqError(f"--device-map {spec}: cannot read it as JSON ({first_line(exc)})") from None
     if not isinstance(raw, dict) or not raw:
         raise RptqError(f"--device-map {spec} must hold a JSON object of module name → device, "
                         'e.g. {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", ...}')

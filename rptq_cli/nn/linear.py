@@ -69,6 +69,10 @@ class QuantLinear(nn.Module):
             self._cpu_scales = cached = (scales, scales._version, scales.float())
         return cached[2]
 
+    def drop_kernel_scales(self) -> None:
+        """Forget the float32 copy of the scales (a streamed layer being released must not keep it alive)."""
+        self._cpu_scales = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             a = self.act
