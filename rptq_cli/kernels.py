@@ -530,12 +530,18 @@ def kv_token_grids(x, group_sizes, clip, bits):
     return scale, zero
 
 
+def _quantize_on_token_grids(x, group_sizes, clip, bits):
+    """x [B, H, T, D] → (codes uint8 [B, H, T, D], scale, zero [B, H, T, G]) as the cache stores them."""
+    scale, zero = kv_token_grids(x, group_sizes, clip, bits)
+    codes = grid.quantize(x, _per_channel(scale, group_sizes), _per_channel(zero, group_sizes), bits)
+    return codes, scale, zero
+
+
 def fake_quant_kv_token(x, group_sizes, clip, bits):
     """Quantize-dequantize x [B, H, T, D] exactly as the cache stores it on per-token grids (the simulation of
     a per-token KV cache; pure torch, not an op). Returns the dtype of x."""
-    scale, zero = kv_token_grids(x, group_sizes, clip, bits)
-    scale, zero = _per_channel(scale, group_sizes), _per_channel(zero, group_sizes)
-    return grid.dequantize(grid.quantize(x, scale, zero, bits), scale, zero).to(x.dtype)
+    codes, scale, zero = _quantize_on_token_grids(x, group_sizes, clip, bits)
+    return grid.dequantize(codes, _per_channel(scale, group_sizes), _per_channel(zero, group_sizes)).to(x.dtype)
 
 
 def _per_channel(per_group, group_sizes):
@@ -554,8 +560,7 @@ def _check_kv_append_token(cache, scale, zero, x, group_sizes, clip, bits, pos):
 
 def ref_kv_append_token(cache, scale, zero, x, group_sizes, clip, bits, pos):
     """Quantize x [B, H, T, D] on its own per-token grids; write codes and grids at positions pos..pos+T."""
-    t_scale, t_zero = kv_token_grids(x, group_sizes, clip, bits)
-    codes = grid.quantize(x, _per_channel(t_scale, group_sizes), _per_channel(t_zero, group_sizes), bits)
+    codes, t_scale, t_zero = _quantize_on_token_grids(x, group_sizes, clip, bits)
     end = pos + x.shape[2]
     cache[:, :, pos:end] = pack_rows(codes, bits)
     scale[:, :, pos:end] = t_scale
