@@ -89,7 +89,7 @@ def test_pack_unpack_bit_exact(isa, bits, n, k):
 # ---- W{2,3,4,8}A16 -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 20, 33])  # ≤ 32 rows: GEMV blocks of ≤ 8; 33: dequantize + sgemm
 def test_linear_a16(isa, bits, kind, m):
     n, k = 37, 203
     qw, scales, zeros, gs = make_layer(n, k, bits, kind, seed=bits * 100 + m)
@@ -117,10 +117,11 @@ def test_linear_a16_large_k(isa, m, n, k):
 
 
 def test_linear_a16_prefill_in_several_slabs(isa):
-    # K = 65536: the 32 MiB float32 slab holds 128 rows, so 165 rows take two full slabs and a partial one
+    # K = 65536: the 32 MiB float32 slab holds 128 rows, so 165 rows take two full slabs and a partial one;
+    # 33 activation rows: one more than the GEMV blocks take (kGemvBatchMaxRows)
     n, k = 165, 65536
     qw, scales, zeros, gs = make_layer(n, k, 4, "fixed", seed=13)
-    x, bias = torch.randn(9, k, generator=gen(6)), torch.randn(n, generator=gen(7))
+    x, bias = torch.randn(33, k, generator=gen(6)), torch.randn(n, generator=gen(7))
     close(K.linear_a16(x, qw, scales, zeros, gs, 4, bias), K.ref_linear_a16(x, qw, scales, zeros, gs, 4, bias))
 
 
@@ -157,6 +158,78 @@ def test_linear_aq_large(isa):
     x = torch.randn(m, k, generator=gen(9)) * 3
     s, z = act_params(x, gs, 8)
     close(K.linear_aq(x, qw, scales, zeros, gs, 4, s, z, 8), K.ref_linear_aq(x, qw, scales, zeros, gs, 4, s, z, 8))
+
+
+# ---- the integer GEMV (AVX-512 VNNI, ≤ kGemvMaxRows rows) ------------------------------------------------
+INTEGER_GEMV = ("avx512vnni", "amx")
+
+
+def on_int16_grids(x, gs):
+    """x as the integer GEMV rounds it: per (row, group) a symmetric int16 grid of step max|x_g| / 32767."""
+    out = torch.empty_like(x)
+    for cols in torch.split(torch.arange(x.shape[-1]), gs.tolist()):
+        xg = x[:, cols]
+        step = xg.abs().amax(-1, keepdim=True) / 32767
+        inv = torch.where(step > 0, 1 / step, torch.zeros_like(step))
+        out[:, cols] = (xg * inv).round().clamp(-32767, 32767) * step
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])
+@pytest.mark.parametrize("m", [1, 2, 8])
+def test_integer_gemv_is_the_reference_on_int16_activations(isa, bits, kind, m):
+    n, k = 37, 203  # k: a last chunk of one block (a partial load)
+    qw, scales, zeros, gs = make_layer(n, k, bits, kind, seed=m + 40)
+    x = torch.randn(m, k, generator=gen(m)) * torch.linspace(0.1, 20, k)  # channels of very different ranges
+    bias = torch.randn(n, generator=gen(1))
+    out = K.linear_a16(x, qw, scales, zeros, gs, bits, bias)
+    close(out, K.ref_linear_a16(x, qw, scales, zeros, gs, bits, bias))  # the op's contract: within 1e-4
+    if isa in INTEGER_GEMV:  # exactly the reference on the rounded activations, up to float32 summation order
+        close(out, K.ref_linear_a16(on_int16_grids(x, gs), qw, scales, zeros, gs, bits, bias), rtol=2e-6)
+
+
+@pytest.mark.parametrize("bits,act_bits", [(4, 8), (4, 4), (3, 4), (2, 8), (8, 8)])
+@pytest.mark.parametrize("kind", ["uneven", "tiny"])
+def test_integer_gemv_of_linear_aq_uses_the_activation_codes(isa, bits, act_bits, kind):
+    n, k, m = 37, 203, 3
+    qw, scales, zeros, gs = make_layer(n, k, bits, kind, seed=act_bits)
+    x = torch.randn(m, k, generator=gen(4))
+    s, z = act_params(x, gs, act_bits)
+    out = K.linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits)
+    close(out, K.ref_linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits), rtol=2e-6)
+
+
+def test_integer_gemv_long_group(isa):
+    # one group of 65536 codes: 1024 chunks of int32 partial sums, each converted on its own (no overflow)
+    n, k = 40, 65536
+    qw, scales, zeros, gs = make_layer(n, k, 4, "one", seed=3)
+    x = torch.randn(1, k, generator=gen(8)) * 50
+    close(K.linear_a16(x, qw, scales, zeros, gs, 4), K.ref_linear_a16(x, qw, scales, zeros, gs, 4))
+
+
+@needs_compiled
+def test_float_gemv_switch():
+    # RPTQ_FLOAT_GEMV=1 keeps float32 activations in the 4-bit GEMV: closer to the reference than int16 grids allow
+    code = ("import torch\n"
+            "from rptq_cli import kernels as K\n"
+            "from test_kernels_cpu import make_layer, gen\n"
+            "qw, s, z, gs = make_layer(64, 512, 4, 'uneven', seed=1)\n"
+            "x = torch.randn(1, 512, generator=gen(2)) * torch.linspace(0.01, 30, 512)\n"
+            "with K.using_backend('compiled'):\n"
+            "    out = K.linear_a16(x, qw, s, z, gs, 4)\n"
+            "ref = K.ref_linear_a16(x.double(), qw, s, z, gs, 4)\n"
+            "print((out.double() - ref).abs().max().item() / ref.abs().max().item())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    errors = {}
+    for name, value in (("float", "1"), ("int16", None)):
+        run_env = {key: v for key, v in env.items() if key != "RPTQ_FLOAT_GEMV"}
+        if value:
+            run_env["RPTQ_FLOAT_GEMV"] = value
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=run_env)
+        errors[name] = float(out.stdout.split()[-1])
+    assert errors["float"] < 1e-6
+    assert errors["int16"] < 1e-4
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -115,12 +115,11 @@ inline void stage_segments(const float* x, int64_t M, int64_t K, const Segments&
 // converted to float in registers and multiplied with the group-masked activations; the zero-point
 // enters once per group through the activation sums.
 // One output row n of a GEMV over M activation rows:
-//   y[m, n] = Σ_g scale_g · (dot_g[m] − zero_g · xsum[m, g] − xoff[m, g]) + bias[n],
-// where group_dot(g, acc) leaves dot_g[m] = Σ_{k∈g} code_k · x[m, k] in the lanes of acc[m], plus xoff[m, g]
-// when its decode adds a known offset (the 1-3 row path's exact float decode; xoff null: no offset).
+//   y[m, n] = Σ_g scale_g · (dot_g[m] − zero_g · xsum[m, g]) + bias[n],
+// where group_dot(g, acc) leaves dot_g[m] = Σ_{k∈g} code_k · x[m, k] in the lanes of acc[m].
 template <int M, typename GroupDot>
 inline void gemv_row(int64_t n, const float* scales, const uint8_t* zeros, int G, const float* xsum,
-                     const float* xoff, const float* bias, int64_t N, float* y, GroupDot&& group_dot) {
+                     const float* bias, int64_t N, float* y, GroupDot&& group_dot) {
   const float* sc = scales + n * G;
   const uint8_t* zr = zeros + n * G;
   __m512 tot[M];
@@ -138,7 +137,7 @@ inline void gemv_row(int64_t n, const float* scales, const uint8_t* zeros, int G
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       tot[m] = _mm512_fmadd_ps(acc[m], sv, tot[m]);
-      corr[m] += sc[g] * (z * xsum[m * G + g] + (xoff ? xoff[m * G + g] : 0.f));
+      corr[m] += sc[g] * z * xsum[m * G + g];
     }
   }
   const float b = bias ? bias[n] : 0.f;
@@ -154,7 +153,7 @@ void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uin
     const uint8_t* row = qw + n * rb;
     if (n + kPrefetchRows < n1)
       for (int64_t i = 0; i < rb; i += 64) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchRows * rb + i), _MM_HINT_T0);
-    gemv_row<M>(n, scales, zeros, G, xsum, nullptr, bias, N, y, [&](int g, __m512 (&acc)[M]) {
+    gemv_row<M>(n, scales, zeros, G, xsum, bias, N, y, [&](int g, __m512 (&acc)[M]) {
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
       for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
@@ -226,9 +225,10 @@ void gemvb_rows(const float* xs, const Segments& sg, const float* xsum, const ui
   const BlockDecoder<BITS> dec;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = qw + n * rb;
-    // software prefetch spread over the row (one block of row n + kSpreadRows per block; see ex4_rows)
+    // software prefetch spread over the row (one block of row n + kSpreadRows per block: a burst of a
+    // whole row's lines at once fills the line-fill buffers and stalls the arithmetic)
     const uint8_t* pf = row + (n + kSpreadRows < n1 ? kSpreadRows * rb : 0);
-    gemv_row<M>(n, scales, zeros, G, xsum, nullptr, bias, N, y, [&](int g, __m512 (&acc)[M]) {
+    gemv_row<M>(n, scales, zeros, G, xsum, bias, N, y, [&](int g, __m512 (&acc)[M]) {
       __m512 al[M], ah[M];
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) al[m] = ah[m] = _mm512_setzero_ps();
@@ -292,127 +292,298 @@ void v_gemvb(const float* x, int64_t M, const uint8_t* qw, const float* scales, 
   });
 }
 
-// ---- W4A16 GEMV, 1-3 rows, 128 codes a step, no int→float conversion ----------------------------------
-// 64 bytes of a row (4 blocks) per step, decoded with 32-bit ops only: for dword lane i (bytes 4i..4i+3,
-// block i/4), a shift puts one nibble at float mantissa bits 19..22 and its neighbour at bits 15..18, and
-// one ternlog per nibble makes the float 1 + c/16 (mask 0x00780000) or 1 + c/256 (mask 0x00078000)
-// (or-ed with 1.0f): 8 planes of 16 codes from 4 shifts + 8 ternlogs, exact floats. The activations are
-// laid out per plane once per call (×16 for the 1/256 planes, exact), so every plane contributes
-// x'·(1 + c/16·…) = x' + c·x/16: D = Σ x' + Σ c·x / 16 and per group
-// scale·(Σ c·x − z·Σ x) = 16·scale·D − scale·(16·Σ x' + z·Σ x), with both sums precomputed.
-// Groups are visited per 128-code chunk with the activations outside the group zeroed (exact for any
-// partition); used where that costs ≤ 25 % extra visits (large or 128-aligned groups), else the block path.
-template <int M>
-void ex4_rows(const float* xp, const int64_t* segq, const int64_t* first, const float* xoff, const float* xsum,
-              const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G, int64_t n0,
-              int64_t n1, int64_t N, const float* bias, float* y) {
-  const __m512i mk = _mm512_set1_epi32(0x00780000), mk2 = _mm512_set1_epi32(0x00078000);
-  const __m512i one = _mm512_set1_epi32(0x3F800000);
-  const int64_t full = rb / 64;
-  const __mmask64 tail = (rb % 64) ? ((__mmask64(1) << (rb % 64)) - 1u) : ~__mmask64(0);
+// ---- W{2,3,4,8} GEMV on int16 activations (≤ kGemvMaxRows rows): the codes never become floats ------------
+// The activations are rounded once per call to int16, on one grid per (row m, group g): either symmetric,
+// q = round(x / s) with s = max|x_g| / 32767 (linear_a16), or exactly the codes of linear_aq's static grid,
+// q = code − act_zero with s = act_scale. A 64-code chunk of a row (two blocks) widens to two vectors of 32
+// words, lo = the codes at chunk positions 0..15, 32..47 and hi = those at 16..31, 48..63 (Q16Decode: for
+// 4-bit the low and high nibbles of the 32 bytes, for 2/3-bit one byte permute and variable shifts); the
+// activations are staged in that order, and two vpdpwssd give exact int32 partial sums, converted and scaled
+// once per chunk:
+//   y[m, n] = Σ_g scale[n,g]·s[m,g]·(Σ_{k∈g} c_k·q_k − zero[n,g]·Σ_{k∈g} q_k) + bias[n].
+// A chunk that straddles groups is visited once per group with the activations outside the group zeroed
+// (Segments of 64 codes), in one flat loop over the visits, no branch per group (per-group loops mispredicted
+// on RPTQ's small clusters). Numerics: exactly the float reference applied to x̂ = s·q, |x − x̂| ≤ s/2 ≤
+// max|x_g|·2^-16 for linear_a16 (bf16 rounds at 2^-9), and linear_aq's own quantization for linear_aq.
+constexpr int kQ16Chunk = 64;          // codes per visit
+constexpr int kQ16Max = 32767;          // symmetric int16 grid of linear_a16's activations
+
+// The activations of one call for M rows over groups gs, staged for q16_rows.
+struct Q16Acts {
+  Segments sg;           // visits: 64-code chunks × groups (built first: every buffer below is sized by it)
+  Buf<int32_t> group;    // [visits] the group of each visit
+  Buf<uint64_t> bytes;   // [visits] mask of the chunk's weight bytes that exist (a row's last chunk may be one block)
+  Buf<int16_t> xq;       // [visits][M][2][32]: the lo words, then the hi words (Q16Decode)
+  Buf<float> step;       // [M][G] grid step s
+  Buf<float> qsum;       // [M][G] s·Σ q (the zero-point term)
+  Q16Acts(const int32_t* gs, int G, int64_t M)
+      : group((sg.build(gs, G, kQ16Chunk), sg.n)), bytes(sg.n), xq(sg.n * M * kQ16Chunk), step(M * G), qsum(M * G) {
+    for (int g = 0; g < G; ++g)
+      for (int64_t v = sg.first[g]; v < sg.first[g + 1]; ++v) group[v] = g;
+  }
+};
+
+// Stage M rows of int16 activations q [M][Kp] (Kp = K rounded up to kQ16Chunk, zero past K) into visits over
+// rows of rb bytes, bits-bit codes.
+inline void q16_stage(const int16_t* q, int64_t M, int64_t Kp, int64_t rb, int bits, Q16Acts& a) {
+  const Segments& sg = a.sg;
+  for (int64_t v = 0; v < sg.n; ++v) {
+    const int64_t c = sg.chunk[v];
+    const uint64_t mk = sg.mask[v];
+    const __mmask32 lo = __mmask32((mk & 0xFFFF) | ((mk >> 32) & 0xFFFF) << 16);
+    const __mmask32 hi = __mmask32(((mk >> 16) & 0xFFFF) | ((mk >> 48) & 0xFFFF) << 16);
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* src = q + m * Kp + c * kQ16Chunk;
+      const __m512i p0 = _mm512_loadu_si512(src), p1 = _mm512_loadu_si512(src + 32);  // positions 0..31, 32..63
+      int16_t* dst = a.xq.p + (v * M + m) * kQ16Chunk;
+      if (bits == 8) {  // lo = positions 0..31, hi = 32..63
+        _mm512_store_si512(dst, _mm512_maskz_mov_epi16(__mmask32(mk), p0));
+        _mm512_store_si512(dst + 32, _mm512_maskz_mov_epi16(__mmask32(mk >> 32), p1));
+      } else {
+        _mm512_store_si512(dst, _mm512_maskz_mov_epi16(lo, _mm512_shuffle_i64x2(p0, p1, 0x44)));       // 0..15, 32..47
+        _mm512_store_si512(dst + 32, _mm512_maskz_mov_epi16(hi, _mm512_shuffle_i64x2(p0, p1, 0xEE)));  // 16..31, 48..63
+      }
+    }
+    const int64_t chunk_bytes = 2 * block_bytes(bits), left = imin(rb - c * chunk_bytes, chunk_bytes);
+    a.bytes[v] = left >= 64 ? ~uint64_t(0) : (uint64_t(1) << left) - 1u;
+  }
+}
+
+// int16 of 16 floats already on the grid's scale (rounded half to even, clamped to ±lim)
+inline __m512i round16(__m512 v, float lim) {
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-lim)), _mm512_set1_ps(lim));
+  return _mm512_cvtps_epi32(v);
+}
+
+// Symmetric int16 grids per (row, group) for linear_a16: q [M][Kp], a.step, a.qsum.
+inline void q16_quantize_sym(const float* x, int64_t M, int64_t K, int64_t Kp, const int64_t* off, int G, int16_t* q,
+                             Q16Acts& a) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    int16_t* qm = q + m * Kp;
+    for (int g = 0; g < G; ++g) {
+      const int64_t k0 = off[g], len = off[g + 1] - off[g];
+      __m512 amax = _mm512_setzero_ps();
+      for (int64_t k = 0; k < len; k += 16) {
+        const __mmask16 mk = len - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1u);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xm + k0 + k)));
+      }
+      const float top = _mm512_reduce_max_ps(amax);
+      const float s = top / float(kQ16Max), inv = top > 0.f ? 1.0f / s : 0.f;
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < len; k += 16) {
+        const __mmask16 mk = len - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - k)) - 1u);
+        const __m512i v = round16(_mm512_mul_ps(_mm512_maskz_loadu_ps(mk, xm + k0 + k), _mm512_set1_ps(inv)), kQ16Max);
+        _mm256_mask_storeu_epi16(qm + k0 + k, mk, _mm512_cvtepi32_epi16(v));
+        sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(mk, v));
+      }
+      a.step[m * G + g] = s;
+      a.qsum[m * G + g] = s * float(_mm512_reduce_add_epi32(sum));
+    }
+    for (int64_t k = K; k < Kp; ++k) qm[k] = 0;
+  }
+}
+
+// linear_aq's codes on its static grids, less the zero-points: q [M][Kp], a.step = act_scale, a.qsum.
+inline void q16_quantize_grid(const float* x, int64_t M, int64_t K, int64_t Kp, const int64_t* off, int G,
+                              const float* act_scale, const int32_t* act_zero, int act_bits, int16_t* q, Q16Acts& a) {
+  Buf<uint8_t> codes(K);
+  const int qmax = (1 << act_bits) - 1;
+  for (int64_t m = 0; m < M; ++m) {
+    int16_t* qm = q + m * Kp;
+    for (int g = 0; g < G; ++g) {
+      const int64_t k0 = off[g], len = off[g + 1] - off[g];
+      const int32_t csum = quantize_span(x + m * K + k0, len, 1.0f / act_scale[g], act_zero[g], qmax, codes.p + k0);
+      for (int64_t k = k0; k < k0 + len; ++k) qm[k] = int16_t(int32_t(codes[k]) - act_zero[g]);
+      a.step[m * G + g] = act_scale[g];
+      a.qsum[m * G + g] = act_scale[g] * float(csum - int32_t(len) * act_zero[g]);
+    }
+    for (int64_t k = K; k < Kp; ++k) qm[k] = 0;
+  }
+}
+
+// The 64 codes of a chunk (its bytes masked by `bytes`) as words: lo = positions 0..15, 32..47, hi = 16..31, 48..63
+// (8-bit: lo = 0..31, hi = 32..63).
+template <int BITS>
+struct Q16Decode;
+
+template <>
+struct Q16Decode<8> {  // byte j: code j
+  Q16Decode() {}
+  inline void operator()(const uint8_t* chunk, uint64_t bytes, __m512i& lo, __m512i& hi) const {
+    const __m512i raw = _mm512_maskz_loadu_epi8(bytes, chunk);
+    lo = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(raw));
+    hi = _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(raw, 1));
+  }
+};
+
+template <>
+struct Q16Decode<4> {  // byte j of a block: code j | code (j + 16) << 4
+  __m512i nibble = _mm512_set1_epi16(0x0F);
+  Q16Decode() {}  // an explicit constructor: compiled for this file's target
+  inline void operator()(const uint8_t* chunk, uint64_t bytes, __m512i& lo, __m512i& hi) const {
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(__mmask32(bytes), chunk));
+    lo = _mm512_and_si512(w, nibble);
+    hi = _mm512_srli_epi16(w, 4);
+  }
+};
+
+// block_q2 byte j: codes j, j + 8, j + 16, j + 24 at bits 0, 2, 4, 6; block_q3 adds bit i of a uint32 after the
+// 8 bytes: bit 2 of code i. A dword permute copies each block into the two 128-bit lanes whose words it feeds,
+// one byte shuffle per vector puts the q2 byte of word i's code in its low byte, and a per-word shift takes the
+// crumb out; 3-bit ORs 4 into the words whose bit is set in the two uint32s (a mask register). (AVX-512 BW only:
+// a cross-lane byte permute would need VBMI, which VNNI CPUs such as Cascade Lake lack.)
+template <int BITS>
+struct Q16DecodeCrumbs {
+  __m512i lanes, idx, shift_lo, shift_hi, three, four;
+  Q16DecodeCrumbs() {
+    constexpr int dwords = block_bytes(BITS) / 4;  // 2 or 3 per block
+    alignas(64) int32_t perm[16];
+    alignas(64) int8_t ix[64];
+    alignas(64) int16_t sl[32], sh[32];
+    for (int d = 0; d < 16; ++d) perm[d] = (d / 8) * dwords + (d % 4 < dwords ? d % 4 : 0);  // lane L: block L / 2
+    for (int i = 0; i < 32; ++i) {
+      ix[2 * i] = int8_t(i % 8);  // the q2 byte of word i's code (in its block's lane)
+      ix[2 * i + 1] = int8_t(0x80);  // a zero byte
+      sl[i] = int16_t(2 * ((i % 16) / 8));       // lo: code i % 16 of the block
+      sh[i] = int16_t(2 * ((16 + i % 16) / 8));  // hi: code 16 + i % 16
+    }
+    lanes = _mm512_load_si512(perm);
+    idx = _mm512_load_si512(ix);
+    shift_lo = _mm512_load_si512(sl);
+    shift_hi = _mm512_load_si512(sh);
+    three = _mm512_set1_epi16(3);
+    four = _mm512_set1_epi16(4);
+  }
+  inline void operator()(const uint8_t* chunk, uint64_t bytes, __m512i& lo, __m512i& hi) const {
+    const __m512i q2 = _mm512_shuffle_epi8(_mm512_permutexvar_epi32(lanes, _mm512_maskz_loadu_epi8(bytes, chunk)), idx);
+    lo = _mm512_and_si512(_mm512_srlv_epi16(q2, shift_lo), three);
+    hi = _mm512_and_si512(_mm512_srlv_epi16(q2, shift_hi), three);
+    if constexpr (BITS == 3) {
+      uint32_t h0, h1 = 0;
+      std::memcpy(&h0, chunk + 8, 4);
+      if (bytes >> 23) std::memcpy(&h1, chunk + 20, 4);  // the second block exists (not a row's last, lone block)
+      lo = _mm512_mask_add_epi16(lo, __mmask32((h0 & 0xFFFFu) | h1 << 16), lo, four);  // + 4: bit 2 is clear
+      hi = _mm512_mask_add_epi16(hi, __mmask32(h0 >> 16 | (h1 & 0xFFFF0000u)), hi, four);
+    }
+  }
+};
+template <> struct Q16Decode<3> : Q16DecodeCrumbs<3> {};
+template <> struct Q16Decode<2> : Q16DecodeCrumbs<2> {};
+
+// Σ c·q of one visit for one activation row: the decoded chunk against its staged words (exact int32)
+inline __m512i q16_dot(__m512i lo, __m512i hi, const int16_t* xv) {
+  const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xv));
+  return _mm512_dpwssd_epi32(d, hi, _mm512_load_si512(xv + 32));
+}
+
+// Output rows [n0, n1); f: scratch [M][G + 16] for the per-row factors scale·s.
+template <int M, int BITS>
+void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G,
+              int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f) {
+  const int64_t nv = a.sg.n, fs = G + 16;
+  const int64_t* chunk = a.sg.chunk;
+  const Q16Decode<BITS> dec;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = qw + n * rb;
-    // software prefetch spread over the row: one line of row n + kSpreadRows per chunk (a burst of a whole
-    // row's lines at once fills the line-fill buffers and stalls the arithmetic; measured ~15 % slower)
-    const uint8_t* pf = row + (n + kSpreadRows < n1 ? kSpreadRows * rb : 0);
-    gemv_row<M>(n, scales, zeros, G, xsum, xoff, bias, N, y, [&](int g, __m512 (&acc)[M]) {
-      __m512 a[M][4];
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m) a[m][0] = a[m][1] = a[m][2] = a[m][3] = _mm512_setzero_ps();
-      for (int64_t s = first[g]; s < first[g + 1]; ++s) {
-        const int64_t q = segq[s];
-        _mm_prefetch(reinterpret_cast<const char*>(pf + q * 64), _MM_HINT_T0);
-        const __m512i v = q < full ? _mm512_loadu_si512(row + q * 64) : _mm512_maskz_loadu_epi8(tail, row + q * 64);
-        const __m512i sh[4] = {_mm512_slli_epi32(v, 15), _mm512_slli_epi32(v, 7), _mm512_srli_epi32(v, 1),
-                               _mm512_srli_epi32(v, 9)};
-        const float* xv = xp + s * M * 128;
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k) {
-          const __m512 wh = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sh[k], mk, one, 0xEA));   // (a & b) | c
-          const __m512 wl = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(sh[k], mk2, one, 0xEA));
-#pragma GCC unroll 4
-          for (int m = 0; m < M; ++m) {
-            a[m][(2 * k) & 3] = _mm512_fmadd_ps(wh, _mm512_load_ps(xv + m * 128 + 32 * k), a[m][(2 * k) & 3]);
-            a[m][(2 * k + 1) & 3] = _mm512_fmadd_ps(wl, _mm512_load_ps(xv + m * 128 + 32 * k + 16), a[m][(2 * k + 1) & 3]);
-          }
-        }
+    const float* sc = scales + n * G;
+    const uint8_t* zr = zeros + n * G;
+    // f[m][g] = scale·s, and the zero-point term Σ_g scale·zero·s·Σq, 16 groups a step
+    __m512 cz[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) cz[m] = _mm512_setzero_ps();
+    for (int g = 0; g < G; g += 16) {
+      const __mmask16 mk = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1u);
+      const __m512 s = _mm512_maskz_loadu_ps(mk, sc + g);
+      const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zr + g))));
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        cz[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, a.qsum.p + m * G + g), cz[m]);
+        _mm512_storeu_ps(f + m * fs + g, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mk, a.step.p + m * G + g)));
       }
-      const __m512 sixteen = _mm512_set1_ps(16.f);  // D = Σ x' + Σ c·x / 16, so 16·D = Σ c·x + 16·Σ x' (exact)
-#pragma GCC unroll 4
-      for (int m = 0; m < M; ++m)
-        acc[m] = _mm512_mul_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3])), sixteen);
-    });
+    }
+    // two float accumulators per row: the FMA chain's latency, not the visits, would bound a single one
+    __m512 t0[M], t1[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) t0[m] = t1[m] = _mm512_setzero_ps();
+    const int64_t cb = 2 * block_bytes(BITS);  // bytes per chunk
+    int64_t v = 0;
+    for (; v + 2 <= nv; v += 2) {
+      __m512i lo0, hi0, lo1, hi1;  // decoded once, used by every activation row
+      dec(row + chunk[v] * cb, a.bytes.p[v], lo0, hi0);
+      dec(row + chunk[v + 1] * cb, a.bytes.p[v + 1], lo1, hi1);
+      const int16_t* xv = a.xq.p + v * M * kQ16Chunk;
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512i d0 = q16_dot(lo0, hi0, xv + m * kQ16Chunk);
+        const __m512i d1 = q16_dot(lo1, hi1, xv + (M + m) * kQ16Chunk);
+        t0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(f[m * fs + a.group.p[v]]), t0[m]);
+        t1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(f[m * fs + a.group.p[v + 1]]), t1[m]);
+      }
+    }
+    if (v < nv) {
+      __m512i lo, hi;
+      dec(row + chunk[v] * cb, a.bytes.p[v], lo, hi);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const __m512i d = q16_dot(lo, hi, a.xq.p + (v * M + m) * kQ16Chunk);
+        t0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(f[m * fs + a.group.p[v]]), t0[m]);
+      }
+    }
+    const float b = bias ? bias[n] : 0.f;
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(t0[m], t1[m]), cz[m])) + b;
   }
 }
 
-// false (nothing done) where the groups would cost too many extra chunk visits
-bool v_gemv4_ex(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
-                const int32_t* gs, int G, int64_t N, int64_t K, const float* bias, float* y) {
-  const int64_t Q = (K + 127) / 128;
-  int64_t nseg = 0, s0 = 0;
-  for (int g = 0; g < G; ++g) {
-    const int64_t e = s0 + gs[g];
-    nseg += (e - 1) / 128 - s0 / 128 + 1;
-    s0 = e;
-  }
-  if (nseg * 4 > Q * 5) return false;
-  Buf<int64_t> segq(nseg + 1), first(G + 1);
-  Buf<float> xp(nseg * M * 128);  // [seg][m][plane 8][16]
-  Buf<float> xoff(M * G), xsum(M * G);
-  // plane p, lane i: byte 4·(i % 4) + p / 2 of block i / 4; even planes the high nibble (code + 16, 1 + c/16),
-  // odd planes the low nibble (1 + c/256, activation ×16)
-  int off[128];
-  for (int p = 0; p < 8; ++p)
-    for (int i = 0; i < 16; ++i) off[p * 16 + i] = (i / 4) * 32 + 4 * (i % 4) + p / 2 + (p % 2 == 0 ? 16 : 0);
-  int64_t t = 0;
-  s0 = 0;
-  for (int g = 0; g < G; ++g) {
-    const int64_t e = s0 + gs[g];
-    first[g] = t;
-    double so[4] = {0, 0, 0, 0}, sx[4] = {0, 0, 0, 0};
-    for (int64_t q = s0 / 128; q <= (e - 1) / 128; ++q, ++t) {
-      segq[t] = q;
-      for (int64_t m = 0; m < M; ++m) {
-        float* dst = xp.p + (t * M + m) * 128;
-        for (int j = 0; j < 128; ++j) {
-          const int64_t c = q * 128 + off[j];
-          const float xv = (c >= s0 && c < e) ? x[m * K + c] : 0.f;
-          const float st = (j / 16) % 2 ? xv * 16.f : xv;
-          dst[j] = st;
-          so[m] += st;
-          sx[m] += xv;
-        }
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      xoff[m * G + g] = 16.f * float(so[m]);  // the offset 16·Σ x' that 16·D carries (see ex4_rows)
-      xsum[m * G + g] = float(sx[m]);
-    }
-    s0 = e;
-  }
-  first[G] = t;
-  const int64_t rb = row_bytes(K, 4);
-  parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
-    switch (M) {
-      case 1: ex4_rows<1>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
-      case 2: ex4_rows<2>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
-      case 3: ex4_rows<3>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
-      default: ex4_rows<4>(xp.p, segq.p, first.p, xoff.p, xsum.p, qw, rb, scales, zeros, G, n0, n1, N, bias, y); break;
+// The W{2,3,4,8} GEMV on int16 activations: act_scale null → symmetric grids (linear_a16), else linear_aq's grids.
+void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
+              const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
+              const int32_t* act_zero, int act_bits, const float* bias, float* y) {
+  Q16Acts a(gs, G, M);
+  Buf<int64_t> off(G + 1);
+  group_offsets(gs, G, off.p);
+  const int64_t Kp = (K + kQ16Chunk - 1) / kQ16Chunk * kQ16Chunk, rb = row_bytes(K, bits);
+  Buf<int16_t> q(M * Kp);
+  if (act_scale)
+    q16_quantize_grid(x, M, K, Kp, off.p, G, act_scale, act_zero, act_bits, q.p, a);
+  else
+    q16_quantize_sym(x, M, K, Kp, off.p, G, q.p, a);
+  q16_stage(q.p, M, Kp, rb, bits, a);
+  auto run = [&](auto rows, auto width) {
+    constexpr int R = decltype(rows)::value, B = decltype(width)::value;
+    parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
+      Buf<float> f(R * (G + 16));
+      q16_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
+    });
+  };
+  with_rows(M, [&](auto rows) {
+    switch (bits) {
+      case 2: return run(rows, Int<2>{});
+      case 3: return run(rows, Int<3>{});
+      case 4: return run(rows, Int<4>{});
+      default: return run(rows, Int<8>{});
     }
   });
-  return true;
 }
 
-// RPTQ_NO_EX_GEMV=1 (read once) turns this path off: for A/B timing against the block path
-bool use_ex_gemv() {
-  static const bool ok = !std::getenv("RPTQ_NO_EX_GEMV");
+void v_gemv_aq(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
+               const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale, const int32_t* act_zero,
+               int act_bits, const float* bias, float* y) {
+  q16_gemv(x, M, qw, scales, zeros, gs, G, N, K, bits, act_scale, act_zero, act_bits, bias, y);
+}
+
+// RPTQ_FLOAT_GEMV=1 (read once): the float GEMV for every width (exact float32 activations; also for A/B timing)
+bool use_q16_gemv() {
+  static const bool ok = !std::getenv("RPTQ_FLOAT_GEMV");
   return ok;
 }
 
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                   const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y) {
   if (M > kGemvMaxRows || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
-  if (bits == 4 && M <= 3 && use_ex_gemv() && v_gemv4_ex(x, M, qw, scales, zeros, gs, G, N, K, bias, y)) return;
+  if (use_q16_gemv())
+    return q16_gemv(x, M, qw, scales, zeros, gs, G, N, K, bits, nullptr, nullptr, 0, bias, y);
   if (bits == 4) return v_gemvb<4>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   if (bits == 3) return v_gemvb<3>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   Segments sg;
@@ -802,6 +973,7 @@ void fill_avx512(KernelTable* t) {
   avx512::fill_generic(t);
   t->linear_a16 = avx512::v_linear_a16;
   t->linear_aq = avx512::v_linear_aq;
+  t->gemv_aq = avx512::use_q16_gemv() ? avx512::v_gemv_aq : nullptr;
   t->dequant_weight = avx512::v_dequant_weight;
   t->decode_attention = avx512::simd_decode_attention<avx512::Attention>;
   t->isa = "avx512vnni";
