@@ -21,10 +21,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from .derived import derived
 from .kv_cache import PackedKVLayer
 from .quantizers import ActQuant
 
@@ -50,14 +52,23 @@ class AttentionQuant(nn.Module):
         """Keys [B, Hkv, T, D] in R2 order (a no-op when R2 is folded into the weights)."""
         if self.qk_perm is None:
             return key
-        return key.gather(-1, self.qk_perm[None, :, None, :].expand_as(key))
+        index = derived(self, "_k_index", (self.qk_perm,), lambda: self.qk_perm[None, :, None, :])
+        return key.gather(-1, index.expand_as(key))
 
     def permute_q(self, query: torch.Tensor) -> torch.Tensor:
         """Queries [B, Hq, T, D] in R2 order: each query head takes its KV head's permutation."""
         if self.qk_perm is None:
             return query
-        q_perm = self.qk_perm.repeat_interleave(query.shape[1] // self.qk_perm.shape[0], 0)
-        return query.gather(-1, q_perm[None, :, None, :].expand_as(query))
+        heads = query.shape[1]
+        index = derived(self, f"_q_index_{heads}", (self.qk_perm,),
+                        lambda: self.qk_perm.repeat_interleave(heads // self.qk_perm.shape[0], 0)[None, :, None, :])
+        return query.gather(-1, index.expand_as(query))
+
+    @property
+    def needs_r2_order(self) -> bool:
+        """Whether q and k must be in R2 order: only their quantizers and observers see it. q·kᵀ sums over the
+        channels, so when nothing else does, permuting both is a no-op (up to summation order) skipped."""
+        return self.q is not None or self.k is not None or self.observer is not None
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         if self.observer is not None:
@@ -74,16 +85,19 @@ def quantize_probs(p: torch.Tensor, bits: int) -> torch.Tensor:
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
            scaling: float, p_bits: int = 16) -> torch.Tensor:
     """softmax(q kᵀ · scaling + mask) v with GQA; q [B,Hq,T,D], k/v [B,Hkv,S,D] → [B,Hq,T,D]."""
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
+    if p_bits >= 16:  # one fused op that reads each KV head for its query group, instead of copying K and V per head
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                              enable_gqa=query.shape[1] != key.shape[1])
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         key = key.repeat_interleave(n_rep, 1)
         value = value.repeat_interleave(n_rep, 1)
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if mask is not None:
-        scores = scores + mask[:, :, :, : key.shape[-2]]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    if p_bits < 16:
-        probs = quantize_probs(probs, p_bits)
+        scores = scores + mask
+    probs = quantize_probs(torch.softmax(scores, dim=-1, dtype=torch.float32), p_bits)
     return torch.matmul(probs.to(value.dtype), value)
 
 
@@ -94,7 +108,8 @@ def rptq_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
         return packed_attention(spec, query, key, attention_mask, scaling)
     p_bits = 16
     if spec is not None:
-        query, key = spec.permute_q(query), spec.permute_k(key)
+        if spec.needs_r2_order:
+            query, key = spec.permute_q(query), spec.permute_k(key)
         spec.observe("q", query)
         spec.observe("k", key)
         spec.observe("v", value)
