@@ -18,6 +18,7 @@ between the projections and out_proj happens here, driven by ``module.rptq`` (an
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -145,6 +146,49 @@ def packed_attention(spec: AttentionQuant, query: torch.Tensor, cache, attention
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, rptq_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, eager_mask)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """RoPE, x·cos + rotate_half(x)·sin, in four ops instead of transformers' seven: rotate_half(x) =
+    cat(-x2, x1) is the roll (x2, x1) times a sign that ``sin_signed`` (−sin on the first half) already holds.
+    Bit-identical to transformers (negation is exact); an ``addcmul`` would save one more op but round differently."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+class _LeanRopeAttention:
+    """The forward of transformers' Llama, Mistral and Qwen2 attention, mixed in before the family's class by
+    :func:`use_lean_rope_attention`. Same steps (project, RoPE, cache, :func:`rptq_attention`, out_proj); at
+    decode each op handles one token, so RoPE's op count, not its arithmetic, was its cost. The sliding window
+    these families pass on is the mask's (float path) or ``AttentionQuant.window``'s (packed path)."""
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        cos, sin_signed = cos.unsqueeze(1), (sin * self.rope_sign).unsqueeze(1)
+        query, key = rotate(query, cos, sin_signed), rotate(key, cos, sin_signed)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        out, weights = rptq_attention(self, query, key, value, attention_mask, self.scaling)
+        return self.o_proj(out.reshape(*input_shape, -1)), weights
+
+
+@functools.cache
+def _lean_class(cls: type) -> type:
+    return cls if issubclass(cls, _LeanRopeAttention) else type(f"Lean{cls.__name__}", (_LeanRopeAttention, cls), {})
+
+
+def use_lean_rope_attention(attn: nn.Module, dtype: torch.dtype) -> None:
+    """Give a RoPE family's attention module (Llama, Mistral, Qwen2) the forward of :class:`_LeanRopeAttention`,
+    in place; it stays an instance of its transformers class."""
+    attn.__class__ = _lean_class(type(attn))
+    half = attn.head_dim // 2
+    sign = torch.cat([torch.full((half,), -1.0), torch.ones(attn.head_dim - half)]).to(dtype)
+    attn.register_buffer("rope_sign", sign, persistent=False)  # a buffer: follows the module's .to()
 
 
 def use_rptq_attention(model: nn.Module) -> None:
