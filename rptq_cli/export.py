@@ -569,8 +569,8 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
             qk_perm=qk_perm, q=tensors.act(f"{a}.q", widths["q"], config, "q"),
             k=tensors.act(f"{a}.k", widths["k"], config, "k"), v=tensors.act(f"{a}.v", widths["v"], config, "v"),
             p_bits=config.act_bits("p"), window=family.sliding_window(hf_config, i))
-        if family.rope:
-            use_lean_rope_attention(layer.get_submodule(family.attn), dtype)
+    if family.rope:
+        use_lean_rope_attention([layer.get_submodule(family.attn) for layer in family.decoder_layers(model)])
     _load_remaining(model, family, tensors, dtype, directory)
     use_rptq_attention(model)
     model.eval()

@@ -6,7 +6,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from rptq_cli.config import QuantConfig
 from rptq_cli.export import load_quantized
-from rptq_cli.nn.attention import AttentionQuant, _LeanRopeAttention, attend, rotate
+from rptq_cli.nn.attention import AttentionQuant, SignedSin, _LeanRopeAttention, attend, rotate
 from rptq_cli.nn.kv_cache import PackedKVCache
 from rptq_cli.nn.quantizers import ActQuant
 
@@ -17,10 +17,12 @@ from tiny import tiny_config
 def test_rotate_is_transformers_rope():
     q, k = torch.randn(2, 4, 5, 16), torch.randn(2, 2, 5, 16)
     cos, sin = LlamaRotaryEmbedding(tiny_config("llama", hidden=64, heads=4))(q, torch.arange(5).expand(2, 5))
-    sign = torch.cat([-torch.ones(8), torch.ones(8)])
+    signed_sin = SignedSin()
+    sin_signed = signed_sin(sin)
+    assert signed_sin(sin) is sin_signed and signed_sin(sin.clone()) is not sin_signed  # once per step
     want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
-    assert torch.equal(rotate(q, cos[:, None], (sin * sign)[:, None]), want_q)  # bit for bit
-    assert torch.equal(rotate(k, cos[:, None], (sin * sign)[:, None]), want_k)
+    assert torch.equal(rotate(q, cos[:, None], sin_signed[:, None]), want_q)  # bit for bit
+    assert torch.equal(rotate(k, cos[:, None], sin_signed[:, None]), want_k)
 
 
 def transformers_forward(model):

@@ -15,6 +15,10 @@ between the projections and out_proj happens here, driven by ``module.rptq`` (an
 * Observers (calibration) see q, k, v as [tokens, heads * head_dim] in the order they are quantized.
 * A sliding window (Mistral, some Qwen2 layers; ``window``, declared by the model family) limits each query
   to the last ``window`` keys. The float path gets it from transformers' mask; the packed path applies it.
+* At decode every op handles one token, so the number of small ops, not their arithmetic, is what costs:
+  packed RoPE models run :class:`_LeanRopeAttention` (RoPE in 4 ops per tensor instead of 7), the R2 gather
+  indexes are built once (:mod:`.derived`), and an unquantized softmax is one SDPA call that indexes each KV
+  head for its query group instead of copying K and V per query head.
 """
 from __future__ import annotations
 
@@ -67,8 +71,8 @@ class AttentionQuant(nn.Module):
 
     @property
     def needs_r2_order(self) -> bool:
-        """Whether q and k must be in R2 order: only their quantizers and observers see it. q·kᵀ sums over the
-        channels, so when nothing else does, permuting both is a no-op (up to summation order) skipped."""
+        """Whether q and k must be in R2 order: only their quantizers and observers see it. Otherwise the gather
+        is skipped: q·kᵀ sums over the channels, so permuting both would change the scores by summation order only."""
         return self.q is not None or self.k is not None or self.observer is not None
 
     def observe(self, name: str, x: torch.Tensor) -> None:
@@ -155,11 +159,28 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
 
 
+class SignedSin:
+    """sin with its first half negated (:func:`rotate`), built once per forward for every layer: the layers of a
+    step share one ``position_embeddings``. Holding the last ``sin`` keeps it alive, so ``is`` cannot be fooled by
+    a new tensor at a reused address."""
+
+    def __init__(self):
+        self.sin = self.signed = None
+
+    def __call__(self, sin: torch.Tensor) -> torch.Tensor:
+        if sin is not self.sin:
+            half = sin.shape[-1] // 2
+            self.sin, self.signed = sin, torch.cat((-sin[..., :half], sin[..., half:]), -1)
+        return self.signed
+
+
 class _LeanRopeAttention:
     """The forward of transformers' Llama, Mistral and Qwen2 attention, mixed in before the family's class by
     :func:`use_lean_rope_attention`. Same steps (project, RoPE, cache, :func:`rptq_attention`, out_proj); at
     decode each op handles one token, so RoPE's op count, not its arithmetic, was its cost. The sliding window
     these families pass on is the mask's (float path) or ``AttentionQuant.window``'s (packed path)."""
+
+    signed_sin: SignedSin
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
@@ -169,7 +190,7 @@ class _LeanRopeAttention:
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
-        cos, sin_signed = cos.unsqueeze(1), (sin * self.rope_sign).unsqueeze(1)
+        cos, sin_signed = cos.unsqueeze(1), self.signed_sin(sin).unsqueeze(1)
         query, key = rotate(query, cos, sin_signed), rotate(key, cos, sin_signed)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
@@ -182,13 +203,13 @@ def _lean_class(cls: type) -> type:
     return cls if issubclass(cls, _LeanRopeAttention) else type(f"Lean{cls.__name__}", (_LeanRopeAttention, cls), {})
 
 
-def use_lean_rope_attention(attn: nn.Module, dtype: torch.dtype) -> None:
-    """Give a RoPE family's attention module (Llama, Mistral, Qwen2) the forward of :class:`_LeanRopeAttention`,
-    in place; it stays an instance of its transformers class."""
-    attn.__class__ = _lean_class(type(attn))
-    half = attn.head_dim // 2
-    sign = torch.cat([torch.full((half,), -1.0), torch.ones(attn.head_dim - half)]).to(dtype)
-    attn.register_buffer("rope_sign", sign, persistent=False)  # a buffer: follows the module's .to()
+def use_lean_rope_attention(attns: list[nn.Module]) -> None:
+    """Give the attention modules of a RoPE model (Llama, Mistral, Qwen2) the forward of
+    :class:`_LeanRopeAttention`, in place; each stays an instance of its transformers class."""
+    signed_sin = SignedSin()  # one for all the layers of the model
+    for attn in attns:
+        attn.__class__ = _lean_class(type(attn))
+        attn.signed_sin = signed_sin
 
 
 def use_rptq_attention(model: nn.Module) -> None:
