@@ -6,6 +6,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from rptq_cli.config import QuantConfig
 from rptq_cli.export import load_quantized
+from rptq_cli.nn import attention
 from rptq_cli.nn.attention import AttentionQuant, SignedSin, _LeanRopeAttention, attend, rotate
 from rptq_cli.nn.kv_cache import PackedKVCache
 from rptq_cli.nn.quantizers import ActQuant
@@ -53,8 +54,9 @@ def test_lean_rope_attention_computes_transformers_forward(tmp_path, family, con
     assert torch.equal(lean.logits, reference.logits)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_sdpa_attends_like_the_repeated_heads(with_mask):
+def test_sdpa_attends_like_the_repeated_heads(with_mask, fused):
     q, k, v = torch.randn(1, 6, 3, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8)
     mask = torch.zeros(1, 1, 3, 9)  # longer than the keys: cut to them
     mask[..., 5:7] = torch.finfo(torch.float32).min
@@ -62,7 +64,7 @@ def test_sdpa_attends_like_the_repeated_heads(with_mask):
     scores = q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.3
     scores = scores if mask is None else scores + mask[..., :7]
     want = torch.softmax(scores, -1) @ v.repeat_interleave(3, 1)
-    torch.testing.assert_close(attend(q, k, v, mask, 0.3), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, mask, 0.3, fused=fused), want, rtol=0, atol=1e-5)
 
 
 def test_r2_gather_indexes_follow_the_permutation_buffer():
@@ -85,6 +87,21 @@ def test_head_groups_are_built_once_and_rebuilt_when_the_clip_changes():
     assert sizes.tolist() == [[3, 5], [8, 0]]
     quant.clip.fill_(0.5)
     assert quant.head_groups(2, 8)[1].tolist() == [[0.5, 0.5], [0.5, 1.0]]
+
+
+def test_sdpa_only_without_activation_quantizers(monkeypatch):
+    """A quantizer downstream would turn SDPA's different rounding into different codes."""
+    seen = []
+    monkeypatch.setattr(attention, "attend", lambda *args: seen.append(args[-1]) or args[0])
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8)
+    quant = ActQuant.from_range(-torch.ones(2), torch.ones(2), torch.tensor([8, 8], dtype=torch.int32), 4)
+    calibrating = AttentionQuant()
+    calibrating.observer = lambda name, x: None
+    for spec in (None, AttentionQuant(), AttentionQuant(k=quant, v=quant), calibrating):
+        module = torch.nn.Module()
+        module.rptq = spec
+        attention.rptq_attention(module, q, k, k, None, 0.3)
+    assert seen == [False, True, False, False]
 
 
 def test_unquantized_q_and_k_skip_the_r2_gather():
