@@ -73,7 +73,8 @@ class AttentionQuant(nn.Module):
     @property
     def needs_r2_order(self) -> bool:
         """Whether q and k must be in R2 order: only their quantizers and observers see it. Otherwise the gather
-        is skipped: q·kᵀ sums over the channels, so permuting both would change the scores by summation order only."""
+        is skipped: q·kᵀ sums over the channels, so permuting both would change the scores by summation order
+        only."""
         return self.q is not None or self.k is not None or self.observer is not None
 
     def observe(self, name: str, x: torch.Tensor) -> None:

@@ -19,7 +19,6 @@ def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], bui
         return build()
     stamp = tuple((t, t._version) for t in sources)
     cached = module.__dict__.get(name)
-    if cached is None or len(cached[0]) != len(stamp) or any(
-            a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], stamp)):
+    if cached is None or any(a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], stamp)):
         cached = module.__dict__[name] = (stamp, build())
     return cached[1]
