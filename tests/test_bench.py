@@ -110,3 +110,14 @@ def test_e2e_model_adds_its_rows(monkeypatch, tmp_path):
         row("w4a16_e2e_decode", "llama", "cpu", 1.0, "hf_generate_bf16", 2.0)])
     rows = bench.run_bench(quick=True, threads=1, echo=lambda line: None, e2e_model=str(tmp_path))
     assert asked == [str(tmp_path)] and [r["op"] for r in rows] == ["w4a16_e2e_decode"]
+
+
+def test_the_cli_passes_e2e_model_on(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from rptq_cli.cli import main
+    asked = {}
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: asked.update(kwargs))
+    result = CliRunner().invoke(main, ["bench", "--quick", "--e2e-model", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert asked["e2e_model"] == str(tmp_path) and asked["quick"]
