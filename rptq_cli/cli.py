@@ -787,11 +787,13 @@ def inspect(source, layer, point, n_clusters, output, json_path, force, calib_da
 @click.option("--quick", is_flag=True, help="Fewer shapes and repeats (about a minute).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the rows as JSON.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch and kernel threads [all cores].")
+@click.option("--e2e-model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Also decode this fp model directory quantized W4A16 and W4A4KV (RTN) against its HF generate.")
 @_run
-def bench(quick, json_path, threads):
+def bench(quick, json_path, threads, e2e_model):
     """Time the rptq:: kernels against torch baselines measured in the same run, on this machine."""
     from .bench import run_bench
-    run_bench(quick=quick, threads=threads, json_path=json_path, echo=click.echo)
+    run_bench(quick=quick, threads=threads, json_path=json_path, echo=click.echo, e2e_model=e2e_model)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_si
 from .loading import INDEX_NAME, WEIGHTS_NAME, WeightFiles
 from .model_card import write_card
 from .models import Family, family_for
-from .nn.attention import AttentionQuant, use_rptq_attention
+from .nn.attention import AttentionQuant, use_lean_rope_attention, use_rptq_attention
 from .nn.head import half_state_names, keep_head_in_half
 from .nn.linear import QuantLinear
 from .nn.norm import ReorderNorm
@@ -569,6 +569,8 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
             qk_perm=qk_perm, q=tensors.act(f"{a}.q", widths["q"], config, "q"),
             k=tensors.act(f"{a}.k", widths["k"], config, "k"), v=tensors.act(f"{a}.v", widths["v"], config, "v"),
             p_bits=config.act_bits("p"), window=family.sliding_window(hf_config, i))
+    if family.rope:
+        use_lean_rope_attention([layer.get_submodule(family.attn) for layer in family.decoder_layers(model)])
     _load_remaining(model, family, tensors, dtype, directory)
     use_rptq_attention(model)
     model.eval()

@@ -74,13 +74,50 @@ def test_every_measured_row_is_printed_and_written(small_rotation, monkeypatch, 
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
 
 
-@pytest.mark.slow
-def test_decode_row_measures_ours_against_hf_generate():
-    tiny = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+def tiny_llama():
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                        num_hidden_layers=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=True,
                        bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    (row_,) = decode_rows(quick=True, threads=1, model_cfg=tiny)
-    assert row_["op"] == "w4a4kv_e2e_decode" and row_["shape"] == "llama 2L h64 decode 24 tok"
-    assert row_["baseline"] == "hf_generate_bf16" and row_["backend"] != "torch_bf16"
-    assert row_["ms"] > 0 and row_["baseline_ms"] > 0 and row_["tokens_per_s"] > 0
-    assert row_["peak_rss_mb"] > 50 and row_["baseline_peak_rss_mb"] > 50  # each side's own process: torch alone
+
+
+def check_decode_rows(rows, shape):
+    assert [r["op"] for r in rows] == ["w4a16_e2e_decode", "w4a4kv_e2e_decode"]
+    for row_ in rows:
+        assert row_["shape"] == shape
+        assert row_["baseline"] == "hf_generate_bf16" and row_["backend"] != "torch_bf16"
+        assert row_["ms"] > 0 and row_["baseline_ms"] > 0 and row_["tokens_per_s"] > 0
+        assert row_["peak_rss_mb"] > 50 and row_["baseline_peak_rss_mb"] > 50  # each side's own process: torch alone
+    assert rows[0]["baseline_ms"] == rows[1]["baseline_ms"]  # one HF measurement serves both rows
+
+
+@pytest.mark.slow
+def test_decode_rows_measure_ours_against_hf_generate():
+    check_decode_rows(decode_rows(quick=True, threads=1, model_cfg=tiny_llama()), "llama 2L h64 decode 24 tok")
+
+
+@pytest.mark.slow
+def test_decode_rows_of_a_model_directory(tmp_path):
+    """``rptq bench --e2e-model DIR``: the model is quantized here with each preset and decoded as the rows above."""
+    e2e.prepare(tmp_path, tiny_llama())
+    check_decode_rows(e2e.model_decode_rows(tmp_path / "fp16", quick=True, threads=1), "llama 2L h64 decode 24 tok")
+
+
+def test_e2e_model_adds_its_rows(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "cpu_rows", lambda quick, add: None)
+    monkeypatch.setattr(e2e, "decode_rows", lambda *args, **kwargs: [])
+    asked = []
+    monkeypatch.setattr(e2e, "model_decode_rows", lambda model, *args: asked.append(model) or [
+        row("w4a16_e2e_decode", "llama", "cpu", 1.0, "hf_generate_bf16", 2.0)])
+    rows = bench.run_bench(quick=True, threads=1, echo=lambda line: None, e2e_model=str(tmp_path))
+    assert asked == [str(tmp_path)] and [r["op"] for r in rows] == ["w4a16_e2e_decode"]
+
+
+def test_the_cli_passes_e2e_model_on(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from rptq_cli.cli import main
+    asked = {}
+    monkeypatch.setattr(bench, "run_bench", lambda **kwargs: asked.update(kwargs))
+    result = CliRunner().invoke(main, ["bench", "--quick", "--e2e-model", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert asked["e2e_model"] == str(tmp_path) and asked["quick"]

@@ -5,7 +5,8 @@
   rotation through copies of the inputs; CPU by ``perf_counter``, GPU by CUDA graphs and events);
 - :mod:`.cpu`, :mod:`.cuda`: the op rows, one per (op, baseline) measured; ``python -m rptq_cli.bench.cuda``
   runs the GPU rows alone (scripts/gpu_check.sh);
-- :mod:`.e2e`: the end-to-end decode row, each side loaded and timed the same way in its own process;
+- :mod:`.e2e`: the end-to-end decode rows (W4A16, W4A4KV; a synthetic Llama, and a real model with
+  ``--e2e-model``), each side loaded and timed the same way in its own process;
 - :mod:`.table`: the row format and the printout.
 
 :func:`run_bench` prints and returns every row it measures (``python -m rptq_cli.bench [--quick]``).
@@ -29,10 +30,10 @@ def _machine_busy() -> str | None:
 
 
 def run_bench(quick: bool = False, threads: int | None = None, json_path: str | None = None,
-              echo: Callable[[str], None] = print) -> list[dict]:
+              echo: Callable[[str], None] = print, e2e_model: str | None = None) -> list[dict]:
     """Measure every op against each of its baselines on the CPU (and the GPU when there is one with the CUDA
-    kernels built), then the end-to-end decode row(s); print each row as it comes and the table of all of them;
-    write them as JSON to ``json_path``."""
+    kernels built), then the end-to-end decode rows, of the model directory ``e2e_model`` too when given; print
+    each row as it comes and the table of all of them; write them as JSON to ``json_path``."""
     import json
 
     import torch
@@ -40,7 +41,7 @@ def run_bench(quick: bool = False, threads: int | None = None, json_path: str | 
     from .. import kernels
     from .cpu import cpu_rows
     from .cuda import cuda_rows
-    from .e2e import decode_rows
+    from .e2e import decode_rows, model_decode_rows
 
     if threads is not None:
         torch.set_num_threads(int(threads))
@@ -61,6 +62,8 @@ def run_bench(quick: bool = False, threads: int | None = None, json_path: str | 
 
     cpu_rows(quick, add)
     add(decode_rows(quick, nthreads))
+    if e2e_model:
+        add(model_decode_rows(e2e_model, quick, nthreads))
     cuda_rows(quick, add)
     if torch.cuda.is_available():
         add(decode_rows(quick, nthreads, device="cuda"))

@@ -1,10 +1,12 @@
-"""The end-to-end rows of ``rptq bench``: decode speed and peak memory of a quantized model against the same
+"""The end-to-end rows of ``rptq bench``: decode speed and peak memory of quantized models against the same
 model with Hugging Face ``generate`` in bf16 (CPU) or fp16 (GPU).
 
-The model is a Llama-shaped network built from a config with random weights (no download), saved once as
-an fp16 directory and once as an rptq checkpoint (W4A4KV: 4-bit weights, 4-bit packed KV cache). Each side
-is then loaded and decoded in its own fresh process, so that its peak memory is its own: resident memory
-on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
+The default model is a Llama-shaped network built from a config with random weights (no download), saved once
+as an fp16 directory and once per preset as an rptq checkpoint (W4A16: 4-bit weights; W4A4KV: 4-bit weights,
+4-bit packed KV cache). ``rptq bench --e2e-model DIR`` measures a real model directory the same way, quantized
+here with RTN on a few random calibration windows (speed and memory do not depend on the calibration). Each
+side is loaded and decoded in its own fresh process, so that its peak memory is its own: resident memory on the
+CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 """
 from __future__ import annotations
 
@@ -30,15 +32,13 @@ def model_config(quick: bool):
                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
+PRESETS = ("w4a16", "w4a4kv")
+
+
 def prepare(directory: Path, model_cfg, reorder: bool = True) -> None:
-    """Write ``directory/fp16`` (a random model of ``model_cfg``) and ``directory/rptq`` (its W4A4KV checkpoint)."""
+    """Write ``directory/fp16`` (a random model of ``model_cfg``) and ``directory/<preset>`` (its checkpoints)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
-
-    from ..config import build_config
-    from ..export import save_quantized
-    from ..models import family_for
-    from ..quantize import quantize_model
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(model_cfg, dtype=torch.float32).eval()
     vocab = {f"t{i}": i for i in range(model.config.vocab_size)}
@@ -46,17 +46,26 @@ def prepare(directory: Path, model_cfg, reorder: bool = True) -> None:
                                         eos_token="t0", pad_token="t0")
     model.to(torch.float16).save_pretrained(directory / "fp16")
     tokenizer.save_pretrained(directory / "fp16")
-    model.float()
-    config = build_config("w4a4kv", weight_quantizer="rtn", act_clip="minmax", clusters={"R1": 8, "R4": 8, "R5": 8},
-                          reorder=reorder)
+    for preset in PRESETS:
+        quantize(AutoModelForCausalLM.from_pretrained(directory / "fp16", dtype=torch.float32).eval(), tokenizer,
+                 preset, directory / preset, reorder, clusters={"R1": 8, "R4": 8, "R5": 8})
+
+
+def quantize(model, tokenizer, preset: str, output: Path, reorder: bool = True, clusters: dict | None = None) -> None:
+    """Quantize ``model`` (in place) with ``preset``, RTN, on two random windows, and save it to ``output``."""
+    from ..config import build_config
+    from ..export import save_quantized
+    from ..models import family_for
+    from ..quantize import quantize_model
+    config = build_config(preset, weight_quantizer="rtn", act_clip="minmax", clusters=clusters, reorder=reorder)
     calib = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     quantize_model(model, family_for(model.config), calib, config, progress=False)
-    save_quantized(model, tokenizer, config, directory / "rptq", provenance={"source_model": "bench"})
+    save_quantized(model, tokenizer, config, output, provenance={"source_model": "bench"})
 
 
 def decode(directory: Path, which: str, new_tokens: int, threads: int, device: str = "cpu") -> dict:
-    """Load one side (``rptq`` or ``fp``) on ``device`` and time greedy decoding of ``new_tokens`` after a short
-    prompt (in this process)."""
+    """Load one side (``directory`` holds an ``rptq`` checkpoint or an ``fp`` model) on ``device`` and time greedy
+    decoding of ``new_tokens`` after a short prompt (in this process)."""
     from transformers import AutoModelForCausalLM
 
     from .. import kernels
@@ -66,10 +75,10 @@ def decode(directory: Path, which: str, new_tokens: int, threads: int, device: s
     gpu = torch.device(device).type == "cuda"
     if which == "fp":
         dtype = torch.float16 if gpu else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(directory / "fp16", dtype=dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
         backend = "torch_fp16" if gpu else "torch_bf16"
     else:
-        model, _ = load_quantized(directory / "rptq", dtype=torch.float16 if gpu else torch.float32)
+        model, _ = load_quantized(directory, dtype=torch.float16 if gpu else torch.float32)
         backend = kernels.backend(device)
     model.to(device)
     prompt = torch.randint(1, model.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
@@ -105,27 +114,55 @@ def _faiss_available() -> bool:
 
 
 def decode_rows(quick: bool = False, threads: int | None = None, device: str = "cpu", model_cfg=None) -> list[dict]:
-    """The W4A4KV decode row on ``device``: our checkpoint against HF ``generate`` of the same fp model
+    """The W4A16 and W4A4KV decode rows on ``device``: our checkpoints against HF ``generate`` of the same fp model
     (``model_cfg``, a LlamaConfig, defaults to :func:`model_config`)."""
-    threads = threads or torch.get_num_threads()
-    new_tokens = 24 if quick else 64
     cfg = model_cfg or model_config(quick)
-    reorder = _faiss_available()  # without faiss (some GPU images) the row still runs, on unreordered groups
+    reorder = _faiss_available()  # without faiss (some GPU images) the rows still run, on unreordered groups
     with tempfile.TemporaryDirectory(prefix="rptq-bench-") as tmp:
         directory = Path(tmp)
         prepare(directory, cfg, reorder)
-        ours = _in_subprocess(directory, "rptq", new_tokens, threads, device)
-        base = _in_subprocess(directory, "fp", new_tokens, threads, device)
-    shape = f"llama {cfg.num_hidden_layers}L h{cfg.hidden_size} decode {new_tokens} tok"
-    shape += "" if reorder else " no-reorder"
-    memory = "peak_gpu_mb" if torch.device(device).type == "cuda" else "peak_rss_mb"
-    row = table_row("w4a4kv_e2e_decode", shape, ours["backend"], ours["ms_per_token"],
-                    f"hf_generate_{base['backend'].removeprefix('torch_')}", base["ms_per_token"],
-                    tokens_per_s=ours["tokens_per_s"], baseline_tokens_per_s=base["tokens_per_s"],
-                    **{memory: ours["peak_mb"], f"baseline_{memory}": base["peak_mb"]})
-    if torch.device(device).type == "cuda":
-        row["device"] = torch.cuda.get_device_name()
-    return [row]
+        shape = f"llama {cfg.num_hidden_layers}L h{cfg.hidden_size}" + ("" if reorder else " no-reorder")
+        return _measure(directory / "fp16", {p: directory / p for p in PRESETS}, shape, quick, threads, device)
+
+
+def model_decode_rows(model_dir: str | Path, quick: bool = False, threads: int | None = None,
+                      device: str = "cpu") -> list[dict]:
+    """The same rows for a real model directory (any family rptq supports), quantized here into a temporary
+    directory with each preset."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model_dir = Path(model_dir)
+    with tempfile.TemporaryDirectory(prefix="rptq-bench-") as tmp:
+        checkpoints = {}
+        for preset in PRESETS:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            checkpoints[preset] = Path(tmp) / preset
+            quantize(model, AutoTokenizer.from_pretrained(model_dir), preset, checkpoints[preset], _faiss_available())
+        config = model.config
+        del model  # each side is measured in its own process
+        shape = f"{config.model_type} {config.num_hidden_layers}L h{config.hidden_size}"
+        return _measure(model_dir, checkpoints, shape, quick, threads, device)
+
+
+def _measure(fp_dir: Path, checkpoints: dict[str, Path], shape: str, quick: bool, threads: int | None,
+             device: str) -> list[dict]:
+    """One row per checkpoint, each against the one HF ``generate`` measurement of ``fp_dir``."""
+    threads = threads or torch.get_num_threads()
+    new_tokens = 24 if quick else 64
+    base = _in_subprocess(fp_dir, "fp", new_tokens, threads, device)
+    gpu = torch.device(device).type == "cuda"
+    memory = "peak_gpu_mb" if gpu else "peak_rss_mb"
+    rows = []
+    for preset, checkpoint in checkpoints.items():
+        ours = _in_subprocess(checkpoint, "rptq", new_tokens, threads, device)
+        row = table_row(f"{preset}_e2e_decode", f"{shape} decode {new_tokens} tok", ours["backend"],
+                        ours["ms_per_token"], f"hf_generate_{base['backend'].removeprefix('torch_')}",
+                        base["ms_per_token"], tokens_per_s=ours["tokens_per_s"],
+                        baseline_tokens_per_s=base["tokens_per_s"],
+                        **{memory: ours["peak_mb"], f"baseline_{memory}": base["peak_mb"]})
+        if gpu:
+            row["device"] = torch.cuda.get_device_name()
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":  # one side of the measurement, in a fresh process

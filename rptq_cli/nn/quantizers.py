@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import kernels
 from ..quant import grid
+from .derived import derived
 
 
 class ActQuant(nn.Module):
@@ -45,7 +46,12 @@ class ActQuant(nn.Module):
 
     def head_groups(self, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A per-token quantizer's groups (flat, head-major) as the KV cache kernels take them: group sizes int32
-        [heads, G] and clip ratios float32 [heads, G], shorter rows padded with empty groups."""
+        [heads, G] and clip ratios float32 [heads, G], shorter rows padded with empty groups. Built once: the
+        float path asks for them on every forward."""
+        return derived(self, f"_head_groups_{heads}_{head_dim}", (self.group_sizes, self.clip),
+                       lambda: self._build_head_groups(heads, head_dim))
+
+    def _build_head_groups(self, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows, row, filled = [], [], 0
         for size, clip in zip(self.group_sizes.tolist(), self.clip.tolist()):
             row.append((size, clip))
