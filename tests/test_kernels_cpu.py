@@ -126,6 +126,31 @@ def test_linear_a16_prefill_in_several_slabs(isa):
 
 
 # ---- W4A8 / W4A4 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k", [576, 203])
+def test_integer_gemv_small_clusters(isa, bits, k):
+    # RPTQ's clusters, ~18 channels each (SmolLM2: 32 over 576): several groups in every 64-code chunk, and odd
+    # sizes put group boundaries inside int16 word pairs
+    g = gen(k + bits)
+    sizes = torch.randint(5, 32, (k,), generator=g)
+    sizes = sizes[: int((sizes.cumsum(0) < k).sum())]
+    gs = torch.cat([sizes, torch.tensor([k - int(sizes.sum())])]).to(torch.int32)
+    n = 45
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, gs.numel(), generator=g) * 0.02 + 0.001).half()
+    zeros = torch.randint(0, 1 << bits, (n, gs.numel()), generator=g, dtype=torch.uint8)
+    qw = pack_rows(codes, bits)
+    x = torch.randn(1, k, generator=g) * torch.linspace(0.1, 20, k)
+    bias = torch.randn(n, generator=g)
+    out = K.linear_a16(x, qw, scales, zeros, gs, bits, bias)
+    close(out, K.ref_linear_a16(x, qw, scales, zeros, gs, bits, bias))
+    if isa in INTEGER_GEMV:
+        close(out, K.ref_linear_a16(on_int16_grids(x, gs), qw, scales, zeros, gs, bits, bias), rtol=2e-6)
+        s, z = act_params(x, gs, 4)
+        close(K.linear_aq(x, qw, scales, zeros, gs, bits, s, z, 4),
+              K.ref_linear_aq(x, qw, scales, zeros, gs, bits, s, z, 4), rtol=2e-6)
+
+
 @pytest.mark.parametrize("bits,act_bits", [(4, 8), (4, 4), (3, 4), (2, 8), (8, 8)])
 @pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])
 @pytest.mark.parametrize("m", [1, 5, 13])
