@@ -155,29 +155,23 @@ Tensor linear_aq(const Tensor& x, const Tensor& qweight, const Tensor& scales, c
   Tensor b = prepare_bias(bias), a_scale = f32(act_scale), a_zero = i32(act_zero);
   Tensor x2 = f32(x).reshape({-1, w.K});
   const int64_t M = x2.size(0);
+  // The integer kernels: the GEMV for decode rows, the GEMM for more rows of weights ≤ kIntGemmMaxBits bits (codes
+  // a valid s8 operand).
   const bool decode = M <= rptq_cpu::kGemvMaxRows;
-  if (decode && table().gemv_aq != nullptr && w.K > 0) {  // the integer GEMV
-    Tensor y = at::empty({M, w.N}, x2.options());
-    table().gemv_aq(x2.data_ptr<float>(), M, w.qw.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
-                    w.zeros.data_ptr<uint8_t>(), w.gs.data_ptr<int32_t>(), int(w.G), w.N, w.K, int(bits),
-                    a_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(), int(act_bits),
-                    b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-    return y.to(x.scalar_type()).reshape(out_shape(x, w.N));
-  }
-  // The integer GEMM takes > kGemvMaxRows rows of weights ≤ kIntGemmMaxBits bits (codes a valid s8 operand).
-  if (decode || bits > rptq_cpu::kIntGemmMaxBits || table().linear_aq == nullptr || w.K == 0) {
-    // Decode (the weight stream dominates), 8-bit weights or no VNNI: the same math as fake_quant(x) then
-    // the W·A16 kernels.
+  const auto integer = decode ? table().gemv_aq : bits <= rptq_cpu::kIntGemmMaxBits ? table().linear_aq : nullptr;
+  if (integer == nullptr || w.K == 0) {
+    // No integer kernel on this ISA (or 8-bit weights in a GEMM): the same math as fake_quant(x) then the W·A16
+    // kernels.
     Tensor fq = at::empty_like(x2);
     table().fake_quant_act(x2.data_ptr<float>(), M, w.K, a_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(),
                            w.gs.data_ptr<int32_t>(), int(w.G), int(act_bits), fq.data_ptr<float>());
     return run_linear_a16(fq, w, b, bits).to(x.scalar_type()).reshape(out_shape(x, w.N));
   }
   Tensor y = at::empty({M, w.N}, x2.options());
-  table().linear_aq(x2.data_ptr<float>(), M, w.qw.data_ptr<uint8_t>(), w.scales.data_ptr<float>(),
-                    w.zeros.data_ptr<uint8_t>(), w.gs.data_ptr<int32_t>(), int(w.G), w.N, w.K, int(bits),
-                    a_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(), int(act_bits),
-                    b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  integer(x2.data_ptr<float>(), M, w.qw.data_ptr<uint8_t>(), w.scales.data_ptr<float>(), w.zeros.data_ptr<uint8_t>(),
+          w.gs.data_ptr<int32_t>(), int(w.G), w.N, w.K, int(bits), a_scale.data_ptr<float>(),
+          a_zero.data_ptr<int32_t>(), int(act_bits), b.defined() ? b.data_ptr<float>() : nullptr,
+          y.data_ptr<float>());
   return y.to(x.scalar_type()).reshape(out_shape(x, w.N));
 }
 

@@ -13,6 +13,7 @@ from torch import nn
 from .. import kernels
 from ..config import FP
 from ..quant.weights import QuantizedWeight
+from .derived import derived
 from .quantizers import ActQuant
 
 
@@ -35,7 +36,7 @@ class QuantLinear(nn.Module):
             self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.fused = (act is not None and self.bits < FP and act.bits < FP and not act.dynamic
                       and torch.equal(act.group_sizes.cpu(), self.group_sizes.cpu()))
-        self._cpu_scales: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self._cpu_scales = None  # kernel_scales' float32 copy (nn.derived)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quantized: QuantizedWeight | None, act: ActQuant | None) -> "QuantLinear":
@@ -60,14 +61,9 @@ class QuantLinear(nn.Module):
         (``load_state_dict`` writes in place). Inference tensors keep no version counter: converted per call."""
         scales = self.scales
         if scales.device.type != "cpu" or scales.dtype == torch.float32:
-            self._cpu_scales = None
+            self.drop_kernel_scales()
             return scales
-        if scales.is_inference():
-            return scales.float()
-        cached = self._cpu_scales
-        if cached is None or cached[0] is not scales or cached[1] != scales._version:
-            self._cpu_scales = cached = (scales, scales._version, scales.float())
-        return cached[2]
+        return derived(self, "_cpu_scales", (scales,), scales.float)
 
     def drop_kernel_scales(self) -> None:
         """Forget the float32 copy of the scales (a streamed layer being released must not keep it alive)."""
