@@ -477,36 +477,73 @@ inline __m512i q16_dot(__m512i lo, __m512i hi, const int16_t* xv) {
   return _mm512_dpwssd_epi32(d, hi, _mm512_load_si512(xv + 32));
 }
 
-// Output rows [n0, n1); f: scratch [M][G + 16] for the per-row factors scale·s.
+// Row n's factors f[m][g] = scale·s (f: [M][G + 16]) and zero-point terms cz[m] = Σ_g scale·zero·s·Σq, 16 groups a step.
+template <int M>
+inline void q16_row_factors(const Q16Acts& a, const float* sc, const uint8_t* zr, int G, float* f, __m512 (&cz)[M]) {
+  const int64_t fs = G + 16;
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) cz[m] = _mm512_setzero_ps();
+  for (int g = 0; g < G; g += 16) {
+    const __mmask16 mk = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1u);
+    const __m512 s = _mm512_maskz_loadu_ps(mk, sc + g);
+    const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zr + g))));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      cz[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, a.qsum.p + m * G + g), cz[m]);
+      _mm512_storeu_ps(f + m * fs + g, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mk, a.step.p + m * G + g)));
+    }
+  }
+}
+
+// Output rows [n0, n1); f: scratch [2][M][G + 16] for the per-row factors.
 template <int M, int BITS>
 void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G,
               int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f) {
   const int64_t nv = a.sg.n, fs = G + 16;
   const int64_t* chunk = a.sg.chunk;
   const Q16Decode<BITS> dec;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = qw + n * rb;
-    const float* sc = scales + n * G;
-    const uint8_t* zr = zeros + n * G;
-    // f[m][g] = scale·s, and the zero-point term Σ_g scale·zero·s·Σq, 16 groups a step
-    __m512 cz[M];
+  const int64_t cb = 2 * block_bytes(BITS);  // bytes per chunk
+  int64_t n = n0;
+  if constexpr (M > 1) {
+    // Two output rows a pass: every staged activation vector, loaded once, serves both (with several activation
+    // rows the loads of the staged activations, not the weight stream, bound the kernel).
+    for (; n + 2 <= n1; n += 2) {
+      const uint8_t* row0 = qw + n * rb;
+      const uint8_t* row1 = row0 + rb;
+      float* f1 = f + M * fs;
+      __m512 cz0[M], cz1[M], t[M], u[M];
+      q16_row_factors<M>(a, scales + n * G, zeros + n * G, G, f, cz0);
+      q16_row_factors<M>(a, scales + (n + 1) * G, zeros + (n + 1) * G, G, f1, cz1);
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) cz[m] = _mm512_setzero_ps();
-    for (int g = 0; g < G; g += 16) {
-      const __mmask16 mk = G - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (G - g)) - 1u);
-      const __m512 s = _mm512_maskz_loadu_ps(mk, sc + g);
-      const __m512 sz = _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, zr + g))));
+      for (int m = 0; m < M; ++m) t[m] = u[m] = _mm512_setzero_ps();
+      for (int64_t v = 0; v < nv; ++v) {
+        __m512i lo0, hi0, lo1, hi1;
+        dec(row0 + chunk[v] * cb, a.bytes.p[v], lo0, hi0);
+        dec(row1 + chunk[v] * cb, a.bytes.p[v], lo1, hi1);
+        const int16_t* xv = a.xq.p + v * M * kQ16Chunk;
+        const int32_t g = a.group.p[v];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const __m512i d0 = q16_dot(lo0, hi0, xv + m * kQ16Chunk), d1 = q16_dot(lo1, hi1, xv + m * kQ16Chunk);
+          t[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(f[m * fs + g]), t[m]);
+          u[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(f1[m * fs + g]), u[m]);
+        }
+      }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        cz[m] = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(mk, a.qsum.p + m * G + g), cz[m]);
-        _mm512_storeu_ps(f + m * fs + g, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mk, a.step.p + m * G + g)));
+        y[m * N + n] = _mm512_reduce_add_ps(_mm512_sub_ps(t[m], cz0[m])) + (bias ? bias[n] : 0.f);
+        y[m * N + n + 1] = _mm512_reduce_add_ps(_mm512_sub_ps(u[m], cz1[m])) + (bias ? bias[n + 1] : 0.f);
       }
     }
+  }
+  for (; n < n1; ++n) {
+    const uint8_t* row = qw + n * rb;
+    __m512 cz[M];
+    q16_row_factors<M>(a, scales + n * G, zeros + n * G, G, f, cz);
     // two float accumulators per row: the FMA chain's latency, not the visits, would bound a single one
     __m512 t0[M], t1[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) t0[m] = t1[m] = _mm512_setzero_ps();
-    const int64_t cb = 2 * block_bytes(BITS);  // bytes per chunk
     int64_t v = 0;
     for (; v + 2 <= nv; v += 2) {
       __m512i lo0, hi0, lo1, hi1;  // decoded once, used by every activation row
@@ -553,7 +590,7 @@ void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales,
   auto run = [&](auto rows, auto width) {
     constexpr int R = decltype(rows)::value, B = decltype(width)::value;
     parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
-      Buf<float> f(R * (G + 16));
+      Buf<float> f(2 * R * (G + 16));
       q16_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
     });
   };

@@ -11,6 +11,7 @@ CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from ..process import peak_rss_mb
 from .table import row as table_row
 
 PROMPT_TOKENS = 16
+#: timed generate calls per side (a fresh cache each); the median is reported
+GENERATE_REPEATS = 3
 
 
 def model_config(quick: bool):
@@ -65,7 +68,8 @@ def quantize(model, tokenizer, preset: str, output: Path, reorder: bool = True, 
 
 def decode(directory: Path, which: str, new_tokens: int, threads: int, device: str = "cpu") -> dict:
     """Load one side (``directory`` holds an ``rptq`` checkpoint or an ``fp`` model) on ``device`` and time greedy
-    decoding of ``new_tokens`` after a short prompt (in this process)."""
+    decoding of ``new_tokens`` after a short prompt (in this process): the median of GENERATE_REPEATS calls, the
+    prompt's prefill included."""
     from transformers import AutoModelForCausalLM
 
     from .. import kernels
@@ -84,16 +88,19 @@ def decode(directory: Path, which: str, new_tokens: int, threads: int, device: s
     prompt = torch.randint(1, model.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(device)
     kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
+    times = []
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-        cache = PackedKVCache.from_model(model, max_length=PROMPT_TOKENS + new_tokens) if which == "rptq" else None
-        if gpu:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(prompt, past_key_values=cache, **kwargs)
-        if gpu:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        for _ in range(GENERATE_REPEATS):
+            cache = PackedKVCache.from_model(model, max_length=PROMPT_TOKENS + new_tokens) if which == "rptq" else None
+            if gpu:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(prompt, past_key_values=cache, **kwargs)
+            if gpu:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mb()
     return {"tokens_per_s": new_tokens / seconds, "ms_per_token": 1000 * seconds / new_tokens,
             "peak_mb": peak_mb, "backend": backend}
