@@ -1,5 +1,8 @@
 """The command line end to end on tiny random models (Click's CliRunner), offline."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,3 +148,13 @@ def test_quantize_needs_something_to_quantize(tiny_opt_dir, tmp_path):
 
 def test_eval_of_a_checkpoint_refuses_quantization_flags(checkpoint_dir, corpus_file):
     assert_user_error(run("eval", checkpoint_dir, "--data-path", corpus_file, "--wbits", 4), "already quantized")
+
+
+def test_import_bounds_openmp_spin_unless_told():
+    # a short spin-wait (not libgomp's 300 000 turns, not PASSIVE's none): see rptq_cli/__init__.py
+    code = "import os, rptq_cli; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    runs = {"default": {}, "policy": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {"GOMP_SPINCOUNT": "5"}}
+    seen = {name: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 env={**base, **extra}).stdout.split() for name, extra in runs.items()}
+    assert seen == {"default": ["10000", "None"], "policy": ["None", "PASSIVE"], "spin": ["5", "None"]}

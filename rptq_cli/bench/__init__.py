@@ -47,11 +47,12 @@ def run_bench(quick: bool = False, threads: int | None = None, json_path: str | 
         torch.set_num_threads(int(threads))
     nthreads = torch.get_num_threads()
     echo(f"rptq bench: backend {kernels.backend()}, {nthreads} threads, torch {torch.__version__}"
-         f"{' (quick)' if quick else ''}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+         f"{' (quick)' if quick else ''}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+         f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}")
     busy = _machine_busy()
     if busy:
         echo(f"warning: {busy}; timings are noisy (ours and the baseline alternate, so ratios are fairer "
-             f"than times). On a shared machine OMP_WAIT_POLICY=PASSIVE avoids threads spinning against each other.")
+             f"than times). rptq limits OpenMP's spin-wait (GOMP_SPINCOUNT=10000) unless told otherwise.")
     rows: list[dict] = []
 
     def add(new):
