@@ -48,8 +48,8 @@ struct KernelTable {
   // linear_aq for ≤ kGemvMaxRows rows (the integer GEMV), on the activations' integer codes (the same integers as
   // the reference); null where the ISA has none (ops.cpp then runs fake_quant(x) through linear_a16)
   void (*gemv_aq)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
-                  const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale, const int32_t* act_zero,
-                  int act_bits, const float* bias, float* y);
+                  const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
+                  const int32_t* act_zero, int act_bits, const float* bias, float* y);
   // fake-quantized x [rows, C] on static per-group grids
   void (*fake_quant_act)(const float* x, int64_t rows, int64_t C, const float* scale, const int32_t* zero,
                          const int32_t* gs, int G, int bits, float* fq);
