@@ -157,7 +157,7 @@ Tensor linear_aq(const Tensor& x, const Tensor& qweight, const Tensor& scales, c
   const int64_t M = x2.size(0);
   // The integer kernels: the GEMV for decode rows, the GEMM for more rows of weights ≤ kIntGemmMaxBits bits (codes
   // a valid s8 operand).
-  const bool decode = M <= rptq_cpu::kGemvMaxRows;
+  const bool decode = M >= 1 && M <= rptq_cpu::kGemvMaxRows;
   const auto integer = decode ? table().gemv_aq : bits <= rptq_cpu::kIntGemmMaxBits ? table().linear_aq : nullptr;
   if (integer == nullptr || w.K == 0) {
     // No integer kernel on this ISA (or 8-bit weights in a GEMM): the same math as fake_quant(x) then the W·A16

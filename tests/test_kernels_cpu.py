@@ -225,6 +225,14 @@ def test_integer_gemv_of_linear_aq_uses_the_activation_codes(isa, bits, act_bits
     close(out, K.ref_linear_aq(x, qw, scales, zeros, gs, bits, s, z, act_bits), rtol=2e-6)
 
 
+@pytest.mark.parametrize("m,n", [(0, 8), (3, 0)])
+def test_linear_on_empty_inputs(isa, m, n):
+    qw, scales, zeros, gs = make_layer(8, 64, 4, "fixed", seed=1)
+    x, s, z = torch.randn(m, 64), torch.ones(gs.numel()), torch.zeros(gs.numel(), dtype=torch.int32)
+    assert K.linear_a16(x, qw[:n], scales[:n], zeros[:n], gs, 4).shape == (m, n)
+    assert K.linear_aq(x, qw[:n], scales[:n], zeros[:n], gs, 4, s, z, 4).shape == (m, n)
+
+
 def test_integer_gemv_long_group(isa):
     # one group of 65536 codes: 1024 chunks of int32 partial sums, each converted on its own (no overflow)
     n, k = 40, 65536

@@ -577,6 +577,7 @@ void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scal
 void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
               const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
               const int32_t* act_zero, int act_bits, const float* bias, float* y) {
+  if (M < 1 || N < 1) return;  // y is empty
   Q16Acts a(gs, G, M);
   Buf<int64_t> off(G + 1);
   group_offsets(gs, G, off.p);
