@@ -622,6 +622,7 @@ void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* sca
   if (M > kGemvMaxRows || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
   if (use_q16_gemv())
     return q16_gemv(x, M, qw, scales, zeros, gs, G, N, K, bits, nullptr, nullptr, 0, bias, y);
+  // RPTQ_FLOAT_GEMV=1: the float GEMV, float32 activations
   if (bits == 4) return v_gemvb<4>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   if (bits == 3) return v_gemvb<3>(x, M, qw, scales, zeros, gs, G, N, K, bias, y);
   Segments sg;
