@@ -573,7 +573,8 @@ void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scal
   }
 }
 
-// The W{2,3,4,8} GEMV on int16 activations: act_scale null → symmetric grids (linear_a16), else linear_aq's grids.
+// The W{2,3,4,8} GEMV on int16 activations: act_scale null → symmetric grids (linear_a16), else linear_aq's grids
+// (the table's gemv_aq).
 void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
               const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
               const int32_t* act_zero, int act_bits, const float* bias, float* y) {
@@ -603,12 +604,6 @@ void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales,
       default: return run(rows, Int<8>{});
     }
   });
-}
-
-void v_gemv_aq(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
-               const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale, const int32_t* act_zero,
-               int act_bits, const float* bias, float* y) {
-  q16_gemv(x, M, qw, scales, zeros, gs, G, N, K, bits, act_scale, act_zero, act_bits, bias, y);
 }
 
 // RPTQ_FLOAT_GEMV=1 (read once): the float GEMV for every width (exact float32 activations; also for A/B timing)
@@ -1012,7 +1007,7 @@ void fill_avx512(KernelTable* t) {
   avx512::fill_generic(t);
   t->linear_a16 = avx512::v_linear_a16;
   t->linear_aq = avx512::v_linear_aq;
-  t->gemv_aq = avx512::use_q16_gemv() ? avx512::v_gemv_aq : nullptr;
+  t->gemv_aq = avx512::use_q16_gemv() ? avx512::q16_gemv : nullptr;  // linear_aq's grids are never null
   t->dequant_weight = avx512::v_dequant_weight;
   t->decode_attention = avx512::simd_decode_attention<avx512::Attention>;
   t->isa = "avx512vnni";
