@@ -185,8 +185,8 @@ def test_linear_aq_large(isa):
     close(K.linear_aq(x, qw, scales, zeros, gs, 4, s, z, 8), K.ref_linear_aq(x, qw, scales, zeros, gs, 4, s, z, 8))
 
 
-# ---- the integer GEMV (AVX-512 VNNI, ≤ kGemvMaxRows rows) ------------------------------------------------
-INTEGER_GEMV = ("avx512vnni", "amx")
+# ---- the integer GEMV (AVX2 and AVX-512 VNNI, ≤ kGemvMaxRows rows) -----------------------------------------
+INTEGER_GEMV = ("avx512vnni", "amx", "avx2")
 
 
 def on_int16_grids(x, gs):

@@ -2,7 +2,7 @@
 //
 // kernels_scalar.cpp, kernels_avx2.cpp and kernels_avx512.cpp compile the same portable code
 // (generic.inc) for their ISA (with `#pragma GCC target`); kernels_avx2.cpp and kernels_avx512.cpp
-// replace the hot entries (W·A16 GEMV, weight dequantization, decode attention, and on AVX-512 VNNI
+// replace the hot entries (the integer W·A16 GEMV, weight dequantization, decode attention, and on AVX-512 VNNI
 // the integer GEMM) with intrinsics. ops.cpp picks the
 // table at run time from the processor's flags, so one build runs on any x86-64.
 //

@@ -1,6 +1,6 @@
 // AVX2 + FMA kernels. The portable kernels are compiled for this ISA (GCC vectorizes them); the
-// memory-bound decode ops (W·A16 GEMV, weight dequantization, decode attention) are replaced with
-// intrinsics, 8 lanes wide. Only headers without AVX2-specific inline code come before the pragma.
+// memory-bound decode ops (the integer W·A16 GEMV, weight dequantization, decode attention) are replaced with
+// intrinsics, 256 bits wide. Only headers without AVX2-specific inline code come before the pragma.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -64,18 +64,17 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline __m256 maskz_load8(const float* p, uint32_t mask) {
+// 8 dwords, all ones where bit i of `mask` is set (lane i)
+inline __m256i lane_mask8(uint32_t mask) {
   const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  const __m256i m = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(mask)), bits), bits);
-  return _mm256_maskload_ps(p, m);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(mask)), bits), bits);
 }
 
-inline void mask_store8(float* p, uint32_t mask, __m256 v) {
-  const __m256i bits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  _mm256_maskstore_ps(p, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int32_t(mask)), bits), bits), v);
-}
+inline __m256 maskz_load8(const float* p, uint32_t mask) { return _mm256_maskload_ps(p, lane_mask8(mask)); }
 
-// ---- W·A16 GEMV (≤ 8 rows): see kernels_avx512.cpp; here 8-lane chunks ---------------------------------
+inline void mask_store8(float* p, uint32_t mask, __m256 v) { _mm256_maskstore_ps(p, lane_mask8(mask), v); }
+
+// ---- W·A16 GEMV on float32 activations (≤ 8 rows; RPTQ_FLOAT_GEMV=1): 8-lane chunks ----------------------
 template <int M, int BITS>
 void gemv_rows(const float* xs, const Segments& sg, const float* xsum, const uint8_t* qw, int64_t rb,
                const float* scales, const uint8_t* zeros, int G, int64_t n0, int64_t n1, int64_t N,
@@ -119,9 +118,283 @@ void gemv(int64_t M, const float* xs, const Segments& sg, const float* xsum, con
   });
 }
 
+// ---- W{2,3,4,8} GEMV on int16 activations (≤ kGemvMaxRows rows): the codes never become floats ------------
+// kernels_avx512.cpp's method (see there: the grids, the visits, the numerics), 16 words a vector. A 64-code
+// chunk (two blocks) decodes to four vectors of 16 words, the codes at chunk positions 0..15, 16..31, 32..47 and
+// 48..63 in order (Q16Decode), so the activations are staged as they are, only masked to the visit's group; four
+// vpmaddwd (AVX2's half of VNNI's vpdpwssd) give exact int32 partial sums, |Σ| ≤ 8·255·32767 < 2^31, converted
+// and scaled once per visit:
+//   y[m, n] = Σ_g scale[n,g]·s[m,g]·(Σ_{k∈g} c_k·q_k − zero[n,g]·Σ_{k∈g} q_k) + bias[n].
+
+// The activations of one call for M rows over groups gs, staged for q16_rows.
+struct Q16Acts {
+  Segments sg;         // visits: 64-code chunks × groups (built first: every buffer below is sized by it)
+  Buf<int32_t> group;  // [visits] the group of each visit
+  Buf<int16_t> xq;     // [visits][M][64]: the visit's chunk of activations, zero outside its group
+  Buf<float> step;     // [M][G] grid step s
+  Buf<float> qsum;     // [M][G] s·Σ q (the zero-point term)
+  Q16Acts(const int32_t* gs, int G, int64_t M)
+      : group((sg.build(gs, G, kQ16Chunk), sg.n)), xq(sg.n * M * kQ16Chunk), step(M * G), qsum(M * G) {
+    for (int g = 0; g < G; ++g)
+      for (int64_t v = sg.first[g]; v < sg.first[g + 1]; ++v) group[v] = g;
+  }
+};
+
+// 16 words, all ones where bit i of `bits` is set (word i)
+inline __m256i word_mask(uint32_t bits) {
+  const __m256i bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                        int16_t(0x8000));
+  return _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(int16_t(bits)), bit), bit);
+}
+
+// Stage M rows of int16 activations q [M][Kp] (Kp = K rounded up to kQ16Chunk, zero past K) into the visits (in
+// code order whatever the rows' width and length).
+inline void q16_stage(const int16_t* q, int64_t M, int64_t Kp, int64_t /*rb*/, int /*bits*/, Q16Acts& a) {
+  for (int64_t v = 0; v < a.sg.n; ++v) {
+    const uint64_t mk = a.sg.mask[v];
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* src = q + m * Kp + a.sg.chunk[v] * kQ16Chunk;
+      int16_t* dst = a.xq.p + (v * M + m) * kQ16Chunk;
+      for (int h = 0; h < 4; ++h) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * h));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16 * h),
+                           _mm256_and_si256(w, word_mask(uint32_t(mk >> (16 * h)) & 0xFFFFu)));
+      }
+    }
+  }
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t hsum8i(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// The 8 int32 of v as int16 at out[0..n) (n ≤ 8; values within int16)
+inline void store_words(int16_t* out, __m256i v, int64_t n) {
+  const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  if (n >= 8) return _mm_storeu_si128(reinterpret_cast<__m128i*>(out), w);
+  alignas(16) int16_t tmp[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(tmp), w);
+  for (int64_t i = 0; i < n; ++i) out[i] = tmp[i];
+}
+
+inline uint32_t lanes_below(int64_t n) { return n >= 8 ? 0xFFu : (1u << n) - 1u; }
+
+// Symmetric int16 grids per (row, group) for linear_a16: q [M][Kp], a.step, a.qsum (kernels_avx512.cpp's
+// q16_quantize_sym: x·(1/s), rounded half to even, clamped).
+inline void q16_quantize_sym(const float* x, int64_t M, int64_t K, int64_t Kp, const int64_t* off, int G, int16_t* q,
+                             Q16Acts& a) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(float(kQ16Max));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    int16_t* qm = q + m * Kp;
+    for (int g = 0; g < G; ++g) {
+      const int64_t k0 = off[g], len = off[g + 1] - off[g];
+      __m256 amax = _mm256_setzero_ps();
+      for (int64_t k = 0; k < len; k += 8)
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, maskz_load8(xm + k0 + k, lanes_below(len - k))));
+      const float top = hmax8(amax);
+      const float s = top / float(kQ16Max), inv = top > 0.f ? 1.0f / s : 0.f;
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t k = 0; k < len; k += 8) {  // lanes past the group load 0 and round to 0
+        __m256 v = _mm256_mul_ps(maskz_load8(xm + k0 + k, lanes_below(len - k)), _mm256_set1_ps(inv));
+        v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+        const __m256i c = _mm256_cvtps_epi32(v);
+        store_words(qm + k0 + k, c, len - k);
+        sum = _mm256_add_epi32(sum, c);
+      }
+      a.step[m * G + g] = s;
+      a.qsum[m * G + g] = s * float(hsum8i(sum));
+    }
+    for (int64_t k = K; k < Kp; ++k) qm[k] = 0;
+  }
+}
+
+// linear_aq's codes on its static grids, less the zero-points: q [M][Kp], a.step = act_scale, a.qsum. The codes
+// are quantize_one's (x·inv rounded half to even, + zero, clamped): the reference's integers.
+inline void q16_quantize_grid(const float* x, int64_t M, int64_t K, int64_t Kp, const int64_t* off, int G,
+                              const float* act_scale, const int32_t* act_zero, int act_bits, int16_t* q, Q16Acts& a) {
+  const __m256 qmax = _mm256_set1_ps(float((1 << act_bits) - 1));
+  for (int64_t m = 0; m < M; ++m) {
+    int16_t* qm = q + m * Kp;
+    for (int g = 0; g < G; ++g) {
+      const int64_t k0 = off[g], len = off[g + 1] - off[g];
+      const __m256 inv = _mm256_set1_ps(1.0f / act_scale[g]), zero = _mm256_set1_ps(float(act_zero[g]));
+      __m256i sum = _mm256_setzero_si256();
+      for (int64_t k = 0; k < len; k += 8) {
+        const uint32_t lanes = lanes_below(len - k);
+        __m256 v = _mm256_round_ps(_mm256_mul_ps(maskz_load8(x + m * K + k0 + k, lanes), inv),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zero), _mm256_setzero_ps()), qmax);
+        const __m256i c = _mm256_sub_epi32(_mm256_cvtps_epi32(v), _mm256_set1_epi32(act_zero[g]));  // code − zero
+        store_words(qm + k0 + k, c, len - k);
+        sum = _mm256_add_epi32(sum, _mm256_and_si256(c, lane_mask8(lanes)));
+      }
+      a.step[m * G + g] = act_scale[g];
+      a.qsum[m * G + g] = act_scale[g] * float(hsum8i(sum));
+    }
+    for (int64_t k = K; k < Kp; ++k) qm[k] = 0;
+  }
+}
+
+// The 64 codes of a chunk, blocks b0 and b1, as four vectors of 16 words: chunk positions 0..15, 16..31, 32..47,
+// 48..63.
+template <int BITS>
+struct Q16Decode;
+
+template <>
+struct Q16Decode<8> {  // byte j: code j
+  Q16Decode() {}
+  inline void operator()(const uint8_t* b0, const uint8_t* b1, __m256i (&w)[4]) const {
+    for (int h = 0; h < 4; ++h)
+      w[h] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>((h < 2 ? b0 : b1) + 16 * (h % 2))));
+  }
+};
+
+template <>
+struct Q16Decode<4> {  // byte j of a block: code j | code (j + 16) << 4
+  __m256i nibble = _mm256_set1_epi16(0x0F);
+  Q16Decode() {}  // an explicit constructor: compiled for this file's target
+  inline void operator()(const uint8_t* b0, const uint8_t* b1, __m256i (&w)[4]) const {
+    for (int b = 0; b < 2; ++b) {
+      const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b ? b1 : b0)));
+      w[2 * b] = _mm256_and_si256(bytes, nibble);
+      w[2 * b + 1] = _mm256_srli_epi16(bytes, 4);
+    }
+  }
+};
+
+// block_q2 byte j: codes j, j + 8, j + 16, j + 24 at bits 0, 2, 4, 6; block_q3 adds a uint32 after the 8 bytes
+// whose bit i is bit 2 of code i. Word i of the block's bytes twice over holds byte i % 8; a multiply by
+// 2^(14 − shift) moves the crumb of code i (i < 16) or 16 + i to the top two bits, which one shift brings down.
+template <int BITS>
+struct Q16DecodeCrumbs {
+  __m256i lift_lo = _mm256_setr_epi16(16384, 16384, 16384, 16384, 16384, 16384, 16384, 16384,  //
+                                      4096, 4096, 4096, 4096, 4096, 4096, 4096, 4096);
+  __m256i lift_hi = _mm256_setr_epi16(1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024,  //
+                                      256, 256, 256, 256, 256, 256, 256, 256);
+  __m256i four = _mm256_set1_epi16(4);
+  Q16DecodeCrumbs() {}
+  inline void operator()(const uint8_t* b0, const uint8_t* b1, __m256i (&w)[4]) const {
+    for (int b = 0; b < 2; ++b) {
+      const uint8_t* block = b ? b1 : b0;
+      const __m128i q2 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block));
+      const __m256i bytes = _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(q2, q2));
+      w[2 * b] = _mm256_srli_epi16(_mm256_mullo_epi16(bytes, lift_lo), 14);
+      w[2 * b + 1] = _mm256_srli_epi16(_mm256_mullo_epi16(bytes, lift_hi), 14);
+      if constexpr (BITS == 3) {
+        uint32_t high;
+        std::memcpy(&high, block + 8, 4);
+        w[2 * b] = _mm256_or_si256(w[2 * b], _mm256_and_si256(word_mask(high & 0xFFFFu), four));
+        w[2 * b + 1] = _mm256_or_si256(w[2 * b + 1], _mm256_and_si256(word_mask(high >> 16), four));
+      }
+    }
+  }
+};
+template <> struct Q16Decode<3> : Q16DecodeCrumbs<3> {};
+template <> struct Q16Decode<2> : Q16DecodeCrumbs<2> {};
+
+// Σ c·q of one visit for one activation row: the decoded chunk against its staged words (exact int32 lanes)
+inline __m256i q16_dot(const __m256i (&w)[4], const int16_t* xv) {
+  const __m256i* x = reinterpret_cast<const __m256i*>(xv);
+  const __m256i d01 = _mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_load_si256(x)),
+                                       _mm256_madd_epi16(w[1], _mm256_load_si256(x + 1)));
+  const __m256i d23 = _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_load_si256(x + 2)),
+                                       _mm256_madd_epi16(w[3], _mm256_load_si256(x + 3)));
+  return _mm256_add_epi32(d01, d23);
+}
+
+// Row n's factors f[m][g] = scale·s (f: [M][G]) and zero-point terms cz[m] = Σ_g scale·zero·s·Σq.
+template <int M>
+inline void q16_row_factors(const Q16Acts& a, const float* sc, const uint8_t* zr, int G, float* f, float (&cz)[M]) {
+  for (int m = 0; m < M; ++m) {
+    __m256 acc = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= G; g += 8) {
+      const __m256 s = _mm256_loadu_ps(sc + g);
+      const __m256 z = _mm256_cvtepi32_ps(load8(zr + g));
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(a.qsum.p + m * G + g), acc);
+      _mm256_storeu_ps(f + m * G + g, _mm256_mul_ps(s, _mm256_loadu_ps(a.step.p + m * G + g)));
+    }
+    float c = hsum8(acc);
+    for (; g < G; ++g) {
+      c += sc[g] * float(zr[g]) * a.qsum.p[m * G + g];
+      f[m * G + g] = sc[g] * a.step.p[m * G + g];
+    }
+    cz[m] = c;
+  }
+}
+
+// Output rows [n0, n1); f: scratch [M][G] for the per-row factors.
+template <int M, int BITS>
+void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G,
+              int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f) {
+  // Two accumulators per activation row, for alternate visits (the FMA chain's latency would otherwise bound the
+  // loop), where 16 ymm registers hold them: up to 4 rows.
+  constexpr bool kTwoChains = M <= 4;
+  const int64_t nv = a.sg.n, cb = 2 * block_bytes(BITS);  // bytes per chunk
+  const int64_t* chunk = a.sg.chunk;
+  const int32_t* group = a.group.p;
+  const Q16Decode<BITS> dec;
+  alignas(32) static const uint8_t kZeroBlock[block_bytes(8)] = {0};  // the missing second block of a last chunk
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = qw + n * rb;
+    float cz[M];
+    q16_row_factors<M>(a, scales + n * G, zeros + n * G, G, f, cz);
+    __m256 t0[M], t1[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) t0[m] = t1[m] = _mm256_setzero_ps();
+    auto visit = [&](int64_t v, __m256 (&t)[M]) {
+      const int64_t at = chunk[v] * cb;
+      // the next row, chunk by chunk (the hardware prefetcher alone left one thread at a third of the bandwidth it
+      // reads); past the last row it fetches nothing useful, and a prefetch never faults
+      _mm_prefetch(reinterpret_cast<const char*>(row + rb + at), _MM_HINT_T0);
+      __m256i w[4];
+      dec(row + at, at + cb <= rb ? row + at + cb / 2 : kZeroBlock, w);  // a row's last chunk may hold one block
+      const int16_t* xv = a.xq.p + v * M * kQ16Chunk;
+      const float* fg = f + group[v];
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+        t[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q16_dot(w, xv + m * kQ16Chunk)), _mm256_set1_ps(fg[m * G]), t[m]);
+    };
+    int64_t v = 0;
+    for (; v + 2 <= nv; v += 2) {
+      visit(v, t0);
+      visit(v + 1, kTwoChains ? t1 : t0);
+    }
+    if (v < nv) visit(v, t0);
+    const float b = bias ? bias[n] : 0.f;
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum8(_mm256_add_ps(t0[m], t1[m])) - cz[m] + b;
+  }
+}
+
+// The W{2,3,4,8} GEMV on int16 activations (linear_a16's when act_scale is null; the table's gemv_aq)
+void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
+              const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
+              const int32_t* act_zero, int act_bits, const float* bias, float* y) {
+  const int64_t rb = row_bytes(K, bits);
+  q16_drive<Q16Acts>(x, M, gs, G, N, K, bits, act_scale, act_zero, act_bits,
+                     [&](auto rows, auto width, const Q16Acts& a, int64_t n0, int64_t n1) {
+                       constexpr int R = decltype(rows)::value, B = decltype(width)::value;
+                       Buf<float> f(R * G);
+                       q16_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
+                     });
+}
+
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                   const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y) {
   if (M > kGemvMaxRows || M < 1 || K < 1) return g_linear_a16(x, M, qw, scales, zeros, gs, G, N, K, bits, bias, y);
+  if (use_q16_gemv())
+    return q16_gemv(x, M, qw, scales, zeros, gs, G, N, K, bits, nullptr, nullptr, 0, bias, y);
+  // RPTQ_FLOAT_GEMV=1: the float GEMV, float32 activations
   const int MT = M <= 4 ? int(M) : 8;  // template row count (padding rows are zero and not stored)
   Segments sg;
   sg.build(gs, G, 8);
@@ -267,6 +540,7 @@ namespace rptq_cpu {
 void fill_avx2(KernelTable* t) {
   avx2::fill_generic(t);
   t->linear_a16 = avx2::v_linear_a16;
+  t->gemv_aq = avx2::use_q16_gemv() ? avx2::q16_gemv : nullptr;  // linear_aq's grids are never null
   t->dequant_weight = avx2::v_dequant_weight;
   t->decode_attention = avx2::simd_decode_attention<avx2::Attention>;
   t->isa = "avx2";

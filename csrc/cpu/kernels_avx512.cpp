@@ -305,8 +305,6 @@ void v_gemvb(const float* x, int64_t M, const uint8_t* qw, const float* scales, 
 // (Segments of 64 codes), in one flat loop over the visits, no branch per group (per-group loops mispredicted
 // on RPTQ's small clusters). Numerics: exactly the float reference applied to x̂ = s·q, |x − x̂| ≤ s/2 ≤
 // max|x_g|·2^-16 for linear_a16 (bf16 rounds at 2^-9), and linear_aq's own quantization for linear_aq.
-constexpr int kQ16Chunk = 64;          // codes per visit
-constexpr int kQ16Max = 32767;          // symmetric int16 grid of linear_a16's activations
 
 // The activations of one call for M rows over groups gs, staged for q16_rows.
 struct Q16Acts {
@@ -573,43 +571,17 @@ void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scal
   }
 }
 
-// The W{2,3,4,8} GEMV on int16 activations: act_scale null → symmetric grids (linear_a16), else linear_aq's grids
-// (the table's gemv_aq).
+// The W{2,3,4,8} GEMV on int16 activations (linear_a16's when act_scale is null; the table's gemv_aq)
 void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
               const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
               const int32_t* act_zero, int act_bits, const float* bias, float* y) {
-  if (M < 1 || N < 1) return;  // y is empty
-  Q16Acts a(gs, G, M);
-  Buf<int64_t> off(G + 1);
-  group_offsets(gs, G, off.p);
-  const int64_t Kp = (K + kQ16Chunk - 1) / kQ16Chunk * kQ16Chunk, rb = row_bytes(K, bits);
-  Buf<int16_t> q(M * Kp);
-  if (act_scale)
-    q16_quantize_grid(x, M, K, Kp, off.p, G, act_scale, act_zero, act_bits, q.p, a);
-  else
-    q16_quantize_sym(x, M, K, Kp, off.p, G, q.p, a);
-  q16_stage(q.p, M, Kp, rb, bits, a);
-  auto run = [&](auto rows, auto width) {
-    constexpr int R = decltype(rows)::value, B = decltype(width)::value;
-    parallel_rows(N, rb, [&](int64_t n0, int64_t n1) {
-      Buf<float> f(2 * R * (G + 16));
-      q16_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
-    });
-  };
-  with_rows(M, [&](auto rows) {
-    switch (bits) {
-      case 2: return run(rows, Int<2>{});
-      case 3: return run(rows, Int<3>{});
-      case 4: return run(rows, Int<4>{});
-      default: return run(rows, Int<8>{});
-    }
-  });
-}
-
-// RPTQ_FLOAT_GEMV=1 (read once): the float GEMV for every width (exact float32 activations; also for A/B timing)
-bool use_q16_gemv() {
-  static const bool ok = !std::getenv("RPTQ_FLOAT_GEMV");
-  return ok;
+  const int64_t rb = row_bytes(K, bits);
+  q16_drive<Q16Acts>(x, M, gs, G, N, K, bits, act_scale, act_zero, act_bits,
+                     [&](auto rows, auto width, const Q16Acts& a, int64_t n0, int64_t n1) {
+                       constexpr int R = decltype(rows)::value, B = decltype(width)::value;
+                       Buf<float> f(2 * R * (G + 16));
+                       q16_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
+                     });
 }
 
 void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
