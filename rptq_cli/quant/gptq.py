@@ -71,21 +71,24 @@ class GPTQ:
         del H
         codes = torch.empty(W.shape, dtype=torch.uint8, device=W.device)
         losses = torch.zeros_like(W[:, 0])
+        # the column loop works on a block's transpose, so that a column of W is a contiguous row
+        scale_t, zero_t = scale.T.contiguous(), zero.T.contiguous()
         for i1 in range(0, self.columns, blocksize):
             i2 = min(i1 + blocksize, self.columns)
-            W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-            block_scale, block_zero = scale[:, column_group[i1:i2]], zero[:, column_group[i1:i2]]
-            Err1 = torch.zeros_like(W1)
+            W1t, Hinv1 = W[:, i1:i2].T.contiguous(), Hinv[i1:i2, i1:i2]
+            codes1t, Err1t = torch.empty_like(W1t, dtype=torch.uint8), torch.empty_like(W1t)
             for i in range(i2 - i1):
-                w, d, s, z = W1[:, i], Hinv1[i, i], block_scale[:, i], block_zero[:, i]
-                codes[:, i1 + i] = quantize(w, s, z, bits)
-                q = dequantize(codes[:, i1 + i], s, z)
+                w, d, g = W1t[i], Hinv1[i, i], column_group[i1 + i]
+                s, z = scale_t[g], zero_t[g]
+                codes1t[i] = quantize(w, s, z, bits)
+                q = dequantize(codes1t[i], s, z)
                 losses += (w - q).square() / d**2 / 2
                 err = (w - q) / d
-                W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-                Err1[:, i] = err
+                W1t[i:] -= Hinv1[i, i:, None] * err[None, :]
+                Err1t[i] = err
+            codes[:, i1:i2] = codes1t.T
             # lazy batch update: the columns after this block get the whole block's error at once
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W[:, i2:] -= Err1t.T @ Hinv[i1:i2, i2:]
         self.loss = losses.sum().item()
         return QuantizedWeight(codes, scale.half(), zero.to(torch.uint8), group_sizes.to(torch.int32).cpu(), bits)
 
