@@ -176,6 +176,14 @@ inline int32_t hsum8i(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
 }
 
+// The sums of a[0..7]'s lanes, as lanes 0..7 of one vector
+inline __m256i hsum8x8(const __m256i (&a)[8]) {
+  const __m256i h01 = _mm256_hadd_epi32(a[0], a[1]), h23 = _mm256_hadd_epi32(a[2], a[3]);
+  const __m256i h45 = _mm256_hadd_epi32(a[4], a[5]), h67 = _mm256_hadd_epi32(a[6], a[7]);
+  const __m256i lo = _mm256_hadd_epi32(h01, h23), hi = _mm256_hadd_epi32(h45, h67);  // 128-bit halves' sums
+  return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
 // The 8 int32 of v as int16 at out[0..n) (n ≤ 8; values within int16)
 inline void store_words(int16_t* out, __m256i v, int64_t n) {
   const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -512,22 +520,97 @@ struct Attention {
     return hsum8(_mm256_add_ps(a0, a1));
   }
 
+  // The scores in the integer domain (the GEMV's method): each query q' is rounded once to int16 on its own
+  // symmetric grid, s_j = max|q'_j| / 32767, and each 64-code chunk of a K row meets it in four vpmaddwd (exact int32
+  // sums): score = s_j · Σ_d q̂_jd · code_sd − qc[j]. Eight rows' sums are reduced together. Where the int32 sum could
+  // overflow (8-bit codes, head_dim > 256) the float path runs.
+  template <int BITS>
+  static void scores(const uint8_t* kb, int64_t rb, int64_t kv_len, const float* qs, const float* qc, int64_t nq,
+                     int64_t C, float* sc) {
+    const int64_t chunks = (C * 8 + kQ16Chunk - 1) / kQ16Chunk, Dp = chunks * kQ16Chunk, cb = 2 * block_bytes(BITS);
+    if (C * 8 * ((1 << BITS) - 1) * kQ16Max >= (int64_t(1) << 31))
+      return float_scores<Attention, BITS>(kb, rb, kv_len, qs, qc, nq, C, sc);
+    Buf<int16_t> qi(nq * Dp);
+    Buf<float> step(nq);
+    for (int64_t j = 0; j < nq; ++j) quantize_query(qs + j * C * 8, C, qi.p + j * Dp, Dp, step.p + j);
+    alignas(32) static const uint8_t kZeroBlock[block_bytes(8)] = {0};  // the missing second block of a last chunk
+    const Q16Decode<BITS> dec;
+    for (int64_t s0 = 0; s0 < kv_len; s0 += 8) {
+      const int64_t rows = kv_len - s0 < 8 ? kv_len - s0 : 8;
+      const uint8_t* tile = kb + s0 * rb;
+      for (int64_t i = 0; i < rows * rb; i += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchKv * rb + i), _MM_HINT_T0);  // never faults
+      for (int64_t j = 0; j < nq; ++j) {
+        __m256i acc[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+          acc[r] = _mm256_setzero_si256();
+          if (r >= rows) continue;
+          const uint8_t* row = tile + r * rb;
+          for (int64_t c = 0; c < chunks; ++c) {
+            __m256i w[4];
+            const int64_t at = c * cb;
+            dec(row + at, at + cb <= rb ? row + at + cb / 2 : kZeroBlock, w);
+            acc[r] = _mm256_add_epi32(acc[r], q16_dot(w, qi.p + j * Dp + c * kQ16Chunk));
+          }
+        }
+        const __m256 v = _mm256_fmsub_ps(_mm256_cvtepi32_ps(hsum8x8(acc)), _mm256_set1_ps(step[j]), _mm256_set1_ps(qc[j]));
+        mask_store8(sc + j * kv_len + s0, lanes_below(rows), v);
+      }
+    }
+  }
+
   static void softmax_row(float* sc, int64_t len, int p_bits) { avx2::softmax_row(sc, len, p_bits); }
 
+  // Per query, 64 codes of the head at a time in eight accumulators that stay in registers over a tile of rows
+  // (the tile stays in L1 for the next 64 codes); each element sums over s in order, as the reference does.
   template <int BITS>
   static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, float* acc) {
+    constexpr int64_t kTile = 128;  // rows: 8 KiB of 4-bit V at head_dim 128
     for (int64_t i = 0; i < nq * C * 8; ++i) acc[i] = 0.f;
-    for (int64_t s = 0; s < kv_len; ++s) {
-      const uint8_t* row = vb + s * rb;
-      if (s + kPrefetchKv < kv_len) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
-      for (int64_t c = 0; c < C; ++c) {
-        const __m256 v = unpack8_ps<BITS>(row, c);
-        for (int64_t j = 0; j < nq; ++j) {
-          float* a = acc + (j * C + c) * 8;
-          _mm256_store_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(p[j * kv_len + s]), v, _mm256_load_ps(a)));
+    for (int64_t s0 = 0; s0 < kv_len; s0 += kTile) {
+      const int64_t s1 = s0 + kTile < kv_len ? s0 + kTile : kv_len;
+      for (int64_t j = 0; j < nq; ++j) {
+        const float* pj = p + j * kv_len;
+        for (int64_t c0 = 0; c0 < C; c0 += 8) {
+          const int64_t nc = C - c0 < 8 ? C - c0 : 8;
+          float* aj = acc + (j * C + c0) * 8;
+          __m256 a[8];
+#pragma GCC unroll 8
+          for (int k = 0; k < 8; ++k) a[k] = k < nc ? _mm256_load_ps(aj + 8 * k) : _mm256_setzero_ps();
+          for (int64_t s = s0; s < s1; ++s) {
+            const uint8_t* row = vb + s * rb;
+            if (j == 0 && c0 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
+            const __m256 ps = _mm256_set1_ps(pj[s]);
+            if (nc == 8) {
+#pragma GCC unroll 8
+              for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(ps, unpack8_ps<BITS>(row, c0 + k), a[k]);
+            } else {
+              for (int k = 0; k < nc; ++k) a[k] = _mm256_fmadd_ps(ps, unpack8_ps<BITS>(row, c0 + k), a[k]);
+            }
+          }
+#pragma GCC unroll 8
+          for (int k = 0; k < 8; ++k)
+            if (k < nc) _mm256_store_ps(aj + 8 * k, a[k]);
         }
       }
     }
+  }
+
+ private:
+  // q' [C·8] (zero past head_dim) → q̂ = round(q' / s) as int16 [Dp] (zero past C·8) with s = max|q'| / 32767
+  static void quantize_query(const float* q, int64_t C, int16_t* out, int64_t Dp, float* step) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(float(kQ16Max));
+    __m256 amax = _mm256_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_load_ps(q + 8 * c)));
+    const float top = hmax8(amax), s = top / float(kQ16Max), inv = top > 0.f ? 1.0f / s : 0.f;
+    for (int64_t c = 0; c < C; ++c) {
+      __m256 v = _mm256_mul_ps(_mm256_load_ps(q + 8 * c), _mm256_set1_ps(inv));
+      v = _mm256_min_ps(_mm256_max_ps(v, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+      store_words(out + 8 * c, _mm256_cvtps_epi32(v), 8);
+    }
+    for (int64_t d = C * 8; d < Dp; ++d) out[d] = 0;
+    *step = s;
   }
 };
 

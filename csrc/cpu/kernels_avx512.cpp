@@ -908,6 +908,12 @@ struct Attention {
     return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
   }
 
+  template <int BITS>
+  static void scores(const uint8_t* kb, int64_t rb, int64_t kv_len, const float* qs, const float* qc, int64_t nq,
+                     int64_t C, float* sc) {
+    float_scores<Attention, BITS>(kb, rb, kv_len, qs, qc, nq, C, sc);
+  }
+
   static void softmax_row(float* sc, int64_t len, int p_bits) { avx512::softmax_row(sc, len, p_bits); }
 
   // head_dim 128 or 64 (C = 8 or 4) keeps a query's whole output row in registers over the cache
