@@ -2,8 +2,8 @@
 //
 // kernels_scalar.cpp, kernels_avx2.cpp and kernels_avx512.cpp compile the same portable code
 // (generic.inc) for their ISA (with `#pragma GCC target`); kernels_avx2.cpp and kernels_avx512.cpp
-// replace the hot entries (the integer W·A16 GEMV, weight dequantization, decode attention, and on AVX-512 VNNI
-// the integer GEMM) with intrinsics. ops.cpp picks the
+// replace the hot entries (the integer W·A16 GEMV, weight dequantization, decode attention and the integer
+// GEMM) with intrinsics. ops.cpp picks the
 // table at run time from the processor's flags, so one build runs on any x86-64.
 //
 // Everything here works on raw, contiguous, already validated buffers (ops.cpp checks the tensors);
@@ -39,8 +39,8 @@ struct KernelTable {
                          int G, int64_t N, int64_t K, int bits, float* out);
   void (*linear_a16)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                      const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* bias, float* y);
-  // integer (VNNI) GEMM for > kGemvMaxRows rows and ≤ kIntGemmMaxBits-bit weights; null where the ISA has
-  // none (ops.cpp then runs fake_quant(x) through linear_a16, the same math). Throws std::invalid_argument
+  // integer GEMM (VNNI, AMX, AVX2's vpmaddubsw) for > kGemvMaxRows rows and ≤ kIntGemmMaxBits-bit weights;
+  // null where the ISA has none (ops.cpp then runs fake_quant(x) through linear_a16, the same math). Throws std::invalid_argument
   // when called outside that contract (it never leaves y unwritten).
   void (*linear_aq)(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
                     const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,

@@ -1,6 +1,6 @@
 // AVX2 + FMA kernels. The portable kernels are compiled for this ISA (GCC vectorizes them); the
-// memory-bound decode ops (the integer W·A16 GEMV, weight dequantization, decode attention) are replaced with
-// intrinsics, 256 bits wide. Only headers without AVX2-specific inline code come before the pragma.
+// memory-bound decode ops (the integer W·A16 GEMV, weight dequantization, decode attention) and the integer
+// W·A8/W·A4 GEMM are replaced with intrinsics, 256 bits wide. Only headers without AVX2-specific inline code come before the pragma.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 
 #include "kernels.h"
 
@@ -466,6 +467,153 @@ void v_dequant_weight(const uint8_t* qw, const float* scales, const uint8_t* zer
   }
 }
 
+// ---- W{2,3,4}A{≤8} integer GEMM (> kGemvMaxRows rows) ------------------------------------------------------
+// kernels_avx512.cpp's VNNI GEMM (its zero-point algebra, k-steps of 4 codes, weight tiles repacked per call into
+// words of 4 codes of one column) on AVX2, which has no vpdpbusd: a k-step is vpmaddubsw (u8 activation codes ×
+// weight codes, each pair summed in int16: ≤ 2·255·15, never saturates) then vpmaddwd by ones (the four products'
+// sum, int32). Tiles of kAqCols = 16 output columns (two vectors); kAqRows = 4 rows in 8 accumulators.
+constexpr int kAqCols = 16;
+constexpr int kAqRows = 4;
+
+// Codes of x[0..len) on one grid (quantize_one's integers: x·inv rounded half to even, + zero, clamped) into out;
+// returns Σ codes.
+inline int32_t quantize_span(const float* x, int64_t len, float inv, int32_t zero, int qmax, uint8_t* out) {
+  const __m256 iv = _mm256_set1_ps(inv), zv = _mm256_set1_ps(float(zero)), hi = _mm256_set1_ps(float(qmax));
+  __m256i sum = _mm256_setzero_si256();
+  for (int64_t k = 0; k < len; k += 8) {
+    const uint32_t lanes = lanes_below(len - k);
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(maskz_load8(x + k, lanes), iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, zv), _mm256_setzero_ps()), hi);
+    const __m256i q = _mm256_and_si256(_mm256_cvtps_epi32(v), lane_mask8(lanes));  // lanes past len: 0
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    const uint64_t bytes = uint64_t(_mm_cvtsi128_si64(_mm_packus_epi16(w, w)));
+    std::memcpy(out + k, &bytes, size_t(imin(8, len - k)));
+    sum = _mm256_add_epi32(sum, q);
+  }
+  return hsum8i(sum);
+}
+
+// Repack nn (≤ kAqCols) packed rows into the tile wt[k4][kAqCols] (a u32 = 4 codes of one column; missing columns
+// zero), 8 codes (two k-steps) at a time; k-blocks outer so that the scattered stores stay in L1.
+template <int BITS>
+void aq_repack(const uint8_t* rows, int64_t rb, int64_t nn, int64_t K8, uint32_t* wt) {
+  for (int64_t c0 = 0; c0 < K8; c0 += 32) {
+    const int64_t c1 = imin(K8, c0 + 32);
+    for (int64_t j = 0; j < kAqCols; ++j)
+      for (int64_t c = c0; c < c1; ++c) {
+        uint64_t codes = 0;
+        if (j < nn) {
+          const __m256i q = unpack8<BITS>(rows + j * rb, c);
+          const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+          codes = uint64_t(_mm_cvtsi128_si64(_mm_packus_epi16(w, w)));
+        }
+        wt[2 * c * kAqCols + j] = uint32_t(codes);
+        wt[(2 * c + 1) * kAqCols + j] = uint32_t(codes >> 32);
+      }
+  }
+}
+
+// a·w of one k-step for 8 columns: four u8 × s8 products summed per column, int32
+inline __m256i aq_step(__m256i a, __m256i w) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, w), _mm256_set1_epi16(1));
+}
+
+// Σ over the segments [s0, s1) of a·c for MB rows × 16 columns → out[MB][2][8] int32. The accumulators are named
+// variables (an array of vectors is spilled to the stack every step).
+#define RPTQ_AQ_ACC(r) __m256i c##r##0 = _mm256_setzero_si256(), c##r##1 = _mm256_setzero_si256();
+#define RPTQ_AQ_STEP(r)                                                 \
+  if constexpr (MB > r) {                                               \
+    const __m256i av = _mm256_set1_epi32(int32_t(a[r]));                \
+    c##r##0 = _mm256_add_epi32(c##r##0, aq_step(av, w0));               \
+    c##r##1 = _mm256_add_epi32(c##r##1, aq_step(av, w1));               \
+  }
+#define RPTQ_AQ_SAVE(r)                                                                          \
+  if constexpr (MB > r) {                                                                        \
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out + (2 * r) * 8), c##r##0);                \
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out + (2 * r + 1) * 8), c##r##1);            \
+  }
+
+template <int MB>
+inline void aq_dot(const uint32_t* aw, const Segments& sg, int64_t s0, int64_t s1, const uint32_t* wt, int32_t* out) {
+  RPTQ_AQ_ACC(0) RPTQ_AQ_ACC(1) RPTQ_AQ_ACC(2) RPTQ_AQ_ACC(3)
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint32_t* wrow = wt + sg.chunk[s] * kAqCols;
+    const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(wrow));
+    const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(wrow + 8));
+    const uint32_t* a = aw + s * kAqRows;
+    RPTQ_AQ_STEP(0) RPTQ_AQ_STEP(1) RPTQ_AQ_STEP(2) RPTQ_AQ_STEP(3)
+  }
+  RPTQ_AQ_SAVE(0) RPTQ_AQ_SAVE(1) RPTQ_AQ_SAVE(2) RPTQ_AQ_SAVE(3)
+}
+
+// The per-(group, column) constants of one weight tile (kernels_avx512.cpp's tile_group_params): zw the weight
+// zero-points, kc = za·Σc − len·za·zw, sc = act_scale·w_scale; [G][kAqCols] each, zero past nn columns.
+inline void aq_tile_params(const Segments& sg, const int64_t* off, int G, const uint32_t* wt, int64_t n0, int64_t nn,
+                           const uint8_t* zeros, const float* scales, const float* act_scale, const int32_t* act_zero,
+                           int32_t* zw, int32_t* kc, float* sc) {
+  for (int g = 0; g < G; ++g) {
+    __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();  // Σc over the group: an activation of ones
+    for (int64_t s = sg.first[g]; s < sg.first[g + 1]; ++s) {
+      const uint32_t mk = uint32_t(sg.mask[s]);
+      const uint32_t ones = (mk & 1 ? 0x01u : 0u) | (mk & 2 ? 0x0100u : 0u) | (mk & 4 ? 0x010000u : 0u) |
+                            (mk & 8 ? 0x01000000u : 0u);
+      const __m256i av = _mm256_set1_epi32(int32_t(ones));
+      const uint32_t* wrow = wt + sg.chunk[s] * kAqCols;
+      s0 = _mm256_add_epi32(s0, aq_step(av, _mm256_load_si256(reinterpret_cast<const __m256i*>(wrow))));
+      s1 = _mm256_add_epi32(s1, aq_step(av, _mm256_load_si256(reinterpret_cast<const __m256i*>(wrow + 8))));
+    }
+    alignas(32) int32_t cs[kAqCols];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(cs), s0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(cs + 8), s1);
+    const int32_t za = act_zero[g], len = int32_t(off[g + 1] - off[g]);
+    for (int64_t j = 0; j < kAqCols; ++j) {
+      const int32_t z = j < nn ? zeros[(n0 + j) * G + g] : 0;
+      zw[g * kAqCols + j] = z;
+      kc[g * kAqCols + j] = za * cs[j] - len * za * z;
+      sc[g * kAqCols + j] = j < nn ? act_scale[g] * scales[(n0 + j) * G + g] : 0.f;
+    }
+  }
+}
+
+// MB rows × one tile: per group the integer sums, less the zero-point terms, times the scales into facc [MB][16]
+template <int MB>
+void aq_micro(const uint32_t* aw, const int32_t* asum, const Segments& sg, int G, const IntGemmTile& t, float* facc) {
+  alignas(32) int32_t acc[kAqRows * kAqCols];
+  for (int g = 0; g < G; ++g) {
+    aq_dot<MB>(aw, sg, sg.first[g], sg.first[g + 1], t.wt, acc);
+    for (int j = 0; j < 2; ++j) {
+      const __m256i zw = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.zw + g * kAqCols + 8 * j));
+      const __m256i kc = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.kc + g * kAqCols + 8 * j));
+      const __m256 sc = _mm256_load_ps(t.sc + g * kAqCols + 8 * j);
+      for (int r = 0; r < MB; ++r) {
+        __m256i d = _mm256_load_si256(reinterpret_cast<const __m256i*>(acc + (2 * r + j) * 8));
+        d = _mm256_sub_epi32(d, _mm256_mullo_epi32(zw, _mm256_set1_epi32(asum[r * G + g])));
+        d = _mm256_sub_epi32(d, kc);
+        float* f = facc + r * kAqCols + 8 * j;
+        _mm256_store_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sc, _mm256_load_ps(f)));
+      }
+    }
+  }
+}
+
+void aq_repack_bits(const uint8_t* rows, int64_t rb, int64_t nn, int64_t steps, int bits, uint32_t* wt) {
+  switch (bits) {
+    case 2: return aq_repack<2>(rows, rb, nn, steps, wt);
+    case 3: return aq_repack<3>(rows, rb, nn, steps, wt);
+    default: return aq_repack<4>(rows, rb, nn, steps, wt);
+  }
+}
+
+// The pieces of int_gemm_drive (generic.inc): the table's linear_aq is int_gemm_drive<IntGemm>
+struct IntGemm {
+  static constexpr int kRows = kAqRows, kCols = kAqCols, kRepackCodes = 8;
+  static constexpr auto quantize_span = avx2::quantize_span;
+  static constexpr auto repack = aq_repack_bits;
+  static constexpr auto tile_params = aq_tile_params;
+  template <int MB>
+  static constexpr auto micro = aq_micro<MB>;
+};
+
 // ---- decode attention (see kernels_avx512.cpp) ------------------------------------------------------
 inline __m256 exp256(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
@@ -624,6 +772,7 @@ void fill_avx2(KernelTable* t) {
   avx2::fill_generic(t);
   t->linear_a16 = avx2::v_linear_a16;
   t->gemv_aq = avx2::use_q16_gemv() ? avx2::q16_gemv : nullptr;  // linear_aq's grids are never null
+  t->linear_aq = avx2::int_gemm_drive<avx2::IntGemm>;
   t->dequant_weight = avx2::v_dequant_weight;
   t->decode_attention = avx2::simd_decode_attention<avx2::Attention>;
   t->isa = "avx2";

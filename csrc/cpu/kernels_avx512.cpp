@@ -615,13 +615,6 @@ void v_linear_a16(const float* x, int64_t M, const uint8_t* qw, const float* sca
 constexpr int kNT = 64;  // output columns per tile (4 vectors)
 constexpr int kMB = 6;   // rows per micro-tile
 
-struct AqTile {
-  uint32_t* wt;   // [K4][64]
-  int32_t* zw;    // [G][64]
-  int32_t* kc;    // [G][64]  za·Σc − L·za·zw
-  float* sc;      // [G][64]  act_scale·scale
-};
-
 // Accumulators are named variables (GCC spills an array of vectors to the stack every k-step).
 #define RPTQ_ACC_ROW(r)                                                                        \
   __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = _mm512_setzero_si512(),                  \
@@ -657,7 +650,7 @@ inline void aq_dot(const uint32_t* aw, const Segments& sg, int64_t s0, int64_t s
 }
 
 template <int MB>
-void aq_micro(const uint32_t* aw, const int32_t* asum, const Segments& sg, int G, const AqTile& t, float* facc) {
+void aq_micro(const uint32_t* aw, const int32_t* asum, const Segments& sg, int G, const IntGemmTile& t, float* facc) {
   // aw: [seg][kMB] activation words of these rows; asum: [kMB][G]; facc: [kMB][64] float accumulators
   alignas(64) int32_t acc[kMB * 4 * 16];
   for (int g = 0; g < G; ++g) {
@@ -745,83 +738,15 @@ inline void tile_group_params(const Segments& sg, const int64_t* off, int G, con
   }
 }
 
-void v_linear_aq(const float* x, int64_t M, const uint8_t* qw, const float* scales, const uint8_t* zeros,
-                 const int32_t* gs, int G, int64_t N, int64_t K, int bits, const float* act_scale,
-                 const int32_t* act_zero, int act_bits, const float* bias, float* y) {
-  // ops.cpp sends only > kGemvMaxRows rows and weights of ≤ kIntGemmMaxBits bits here (codes must be a
-  // valid s8 operand), and K ≥ 1 (otherwise y is the bias alone, which this kernel does not write)
-  if (bits > kIntGemmMaxBits || K < 1)
-    throw std::invalid_argument("rptq: the VNNI GEMM needs K >= 1 and weights of at most 4 bits");
-  if (M < 1 || N < 1) return;  // y is empty
-  Buf<int64_t> off(G + 1);
-  group_offsets(gs, G, off.p);
-  Segments sg;
-  sg.build(gs, G, 4);
-  const int64_t K4 = (K + 3) / 4, K16 = (K + 15) / 16, ns = sg.n;
-  const int64_t nmb = (M + kMB - 1) / kMB;
-  // activation codes, then per-micro-tile words aw[mb][seg][kMB] and sums asum[mb][kMB][G]
-  Buf<uint8_t> a(M * K4 * 4);
-  Buf<uint32_t> aw(nmb * ns * kMB);
-  Buf<int32_t> asum(nmb * kMB * G);
-  const int qmax = (1 << act_bits) - 1;
-#pragma omp parallel for schedule(static) if (M * K > kParallelMin)
-  for (int64_t m = 0; m < M; ++m) {
-    uint8_t* am = a.p + m * K4 * 4;
-    for (int g = 0; g < G; ++g) {
-      const float inv = 1.0f / act_scale[g];
-      const int32_t z = act_zero[g];
-      asum[((m / kMB) * kMB + m % kMB) * G + g] =
-          quantize_span(x + m * K + off[g], off[g + 1] - off[g], inv, z, qmax, am + off[g]);
-    }
-    for (int64_t k = K; k < K4 * 4; ++k) am[k] = 0;
-    const uint32_t* a32 = reinterpret_cast<const uint32_t*>(am);
-    uint32_t* dst = aw.p + (m / kMB) * ns * kMB + m % kMB;
-    for (int64_t s = 0; s < ns; ++s) {
-      const uint32_t mk = uint32_t(sg.mask[s]);
-      const uint32_t bytes = (mk & 1 ? 0xFFu : 0u) | (mk & 2 ? 0xFF00u : 0u) | (mk & 4 ? 0xFF0000u : 0u) |
-                             (mk & 8 ? 0xFF000000u : 0u);
-      dst[s * kMB] = a32[sg.chunk[s]] & bytes;
-    }
-  }
-  for (int64_t m = M; m < nmb * kMB; ++m) {  // padding rows of the last micro-tile
-    for (int64_t s = 0; s < ns; ++s) aw[(m / kMB) * ns * kMB + s * kMB + m % kMB] = 0;
-    for (int g = 0; g < G; ++g) asum[m * G + g] = 0;
-  }
-  const int64_t rb = row_bytes(K, bits);
-  const int64_t ntiles = (N + kNT - 1) / kNT;
-#pragma omp parallel if (M * N * K > kParallelMin)
-  {
-    Buf<uint32_t> wt(K16 * 4 * kNT);
-    Buf<int32_t> zw(G * kNT), kc(G * kNT);
-    Buf<float> sc(G * kNT);
-    Buf<float> facc(kMB * kNT);
-    AqTile t{wt.p, zw.p, kc.p, sc.p};
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t tile = 0; tile < ntiles; ++tile) {
-      const int64_t n0 = tile * kNT, nn = imin(kNT, N - n0);
-      repack_tile(qw + n0 * rb, rb, nn, K16, bits, wt.p);
-      // Σc of each (column, group) with the same dot kernel: an "activation" of ones inside the group
-      tile_group_params(sg, off.p, G, wt.p, n0, nn, zeros, scales, act_scale, act_zero, zw.p, kc.p, sc.p);
-      for (int64_t mb = 0; mb < nmb; ++mb) {
-        const int rows = int(imin(kMB, M - mb * kMB));
-        for (int i = 0; i < kMB * kNT; ++i) facc[i] = 0.f;
-        const uint32_t* awm = aw.p + mb * ns * kMB;
-        const int32_t* asm_ = asum.p + mb * kMB * G;
-        switch (rows) {  // aw/asum keep a stride of kMB rows; padding rows are zero
-          case 1: aq_micro<1>(awm, asm_, sg, G, t, facc.p); break;
-          case 2: aq_micro<2>(awm, asm_, sg, G, t, facc.p); break;
-          case 3: aq_micro<3>(awm, asm_, sg, G, t, facc.p); break;
-          case 4: aq_micro<4>(awm, asm_, sg, G, t, facc.p); break;
-          case 5: aq_micro<5>(awm, asm_, sg, G, t, facc.p); break;
-          default: aq_micro<kMB>(awm, asm_, sg, G, t, facc.p);
-        }
-        for (int r = 0; r < rows; ++r)
-          for (int64_t j = 0; j < nn; ++j)
-            y[(mb * kMB + r) * N + n0 + j] = facc[r * kNT + j] + (bias ? bias[n0 + j] : 0.f);
-      }
-    }
-  }
-}
+// The pieces of int_gemm_drive (generic.inc): the table's linear_aq is int_gemm_drive<IntGemm>
+struct IntGemm {
+  static constexpr int kRows = kMB, kCols = kNT, kRepackCodes = 16;
+  static constexpr auto quantize_span = avx512::quantize_span;
+  static constexpr auto repack = repack_tile;
+  static constexpr auto tile_params = tile_group_params;
+  template <int MB>
+  static constexpr auto micro = aq_micro<MB>;
+};
 
 // ---- decode attention over the packed KV cache -------------------------------------------------------
 // score = Σ_d q_d (c_d − z_d) s_d · scaling = Σ_d q'_d c_d − Σ_d q'_d z_d with q' = q · s · scaling:
@@ -984,7 +909,7 @@ namespace rptq_cpu {
 void fill_avx512(KernelTable* t) {
   avx512::fill_generic(t);
   t->linear_a16 = avx512::v_linear_a16;
-  t->linear_aq = avx512::v_linear_aq;
+  t->linear_aq = avx512::int_gemm_drive<avx512::IntGemm>;
   t->gemv_aq = avx512::use_q16_gemv() ? avx512::q16_gemv : nullptr;  // linear_aq's grids are never null
   t->dequant_weight = avx512::v_dequant_weight;
   t->decode_attention = avx512::simd_decode_attention<avx512::Attention>;
@@ -993,7 +918,7 @@ void fill_avx512(KernelTable* t) {
 }  // namespace rptq_cpu
 
 // ==== AMX (int8 tiles) variant of the integer GEMM ====================================================
-// Same math as v_linear_aq; the Σ a·c of a group runs on TDPBUSD: 32 rows × 32 columns in four 16×16
+// Same math as int_gemm_drive<IntGemm>; the Σ a·c of a group runs on TDPBUSD: 32 rows × 32 columns in four 16×16
 // int32 tiles, 64 k per step. Activations are laid out per (32-row block, 64-k segment) with the bytes
 // outside the segment's group zeroed; the B tiles are 16 k/4-rows of the same VNNI tile [k/4][64][4].
 #pragma GCC push_options
@@ -1140,7 +1065,7 @@ void v_linear_aq_best(const float* x, int64_t M, const uint8_t* qw, const float*
                       const int32_t* act_zero, int act_bits, const float* bias, float* y) {
   if (K >= 64 * int64_t(G) && M >= kAmxMB / 2)
     return v_linear_aq_amx(x, M, qw, scales, zeros, gs, G, N, K, bits, act_scale, act_zero, act_bits, bias, y);
-  return v_linear_aq(x, M, qw, scales, zeros, gs, G, N, K, bits, act_scale, act_zero, act_bits, bias, y);
+  return int_gemm_drive<IntGemm>(x, M, qw, scales, zeros, gs, G, N, K, bits, act_scale, act_zero, act_bits, bias, y);
 }
 
 }  // namespace
