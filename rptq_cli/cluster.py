@@ -7,6 +7,11 @@ clustered inside their head only, so the permutation is block-diagonal and atten
 Unlike the official code (sklearn, arbitrary cluster order, non-stable GPU sort), the result here is
 a deterministic function of (features, n_clusters, n_heads, seed): faiss KMeans with a fixed seed on
 one thread, clusters ordered by their centroid, channels inside a cluster in ascending index.
+
+``multiple`` (``--cluster-multiple``) rounds every cluster to a multiple of that many channels: the AVX2 GEMV
+then meets each packed 16-code run of a weight row once, in one group, instead of once per group it touches
+(docs/kernels.md). The sizes are KMeans' rounded to the nearest multiple (largest remainders first), and the
+channels that must move are the ones that move the least far from their centroid.
 """
 from __future__ import annotations
 
@@ -59,12 +64,15 @@ def single_cluster(channels: int) -> Clustering:
     return Clustering(torch.arange(channels), torch.tensor([channels], dtype=torch.int32), [1])
 
 
-def cluster_channels(features: torch.Tensor, n_clusters: int, n_heads: int = 1, seed: int = 0) -> Clustering:
+def cluster_channels(features: torch.Tensor, n_clusters: int, n_heads: int = 1, seed: int = 0,
+                     multiple: int = 1) -> Clustering:
     """Cluster channels by their feature points, separately in each head.
 
     features: float [C, F], one point per channel, e.g. (min, max), or (q_max, k_max, q_min, k_min)
     for R2; C must be a multiple of n_heads. Asks for ``n_clusters`` per head (fewer come out when
-    KMeans leaves a cluster empty). Returns a :class:`Clustering` with a block-diagonal ``perm``.
+    KMeans leaves a cluster empty, or when ``multiple`` > 1 rounds a cluster to nothing). Every cluster
+    size is a multiple of ``multiple`` (one of them also holds the rest when the head's width is not).
+    Returns a :class:`Clustering` with a block-diagonal ``perm``.
     """
     if features.dim() != 2:
         raise ValueError(f"features must be [channels, F], got shape {tuple(features.shape)}")
@@ -72,6 +80,8 @@ def cluster_channels(features: torch.Tensor, n_clusters: int, n_heads: int = 1, 
     head_dim = _head_dim(channels, n_heads)
     if n_clusters < 1:
         raise RptqError(f"the number of clusters must be at least 1, got {n_clusters}")
+    if multiple < 1:
+        raise RptqError(f"--cluster-multiple must be at least 1, got {multiple}")
     if not torch.isfinite(features).all():
         raise RptqError("channel statistics hold inf/NaN (overflow during calibration): recalibrate in float32")
     if n_clusters > head_dim:
@@ -86,7 +96,10 @@ def cluster_channels(features: torch.Tensor, n_clusters: int, n_heads: int = 1, 
     try:
         for h in range(n_heads):
             head = np.ascontiguousarray(points[h * head_dim : (h + 1) * head_dim])
-            order, head_sizes = _cluster_order(head, _kmeans_labels(head, n_clusters, seed))
+            labels = _kmeans_labels(head, n_clusters, seed)
+            if multiple > 1:
+                labels = _round_cluster_sizes(head, labels, multiple)
+            order, head_sizes = _cluster_order(head, labels)
             perm.append(order + h * head_dim)
             sizes += head_sizes
             groups_per_head.append(len(head_sizes))
@@ -126,6 +139,31 @@ def _kmeans_labels(points: np.ndarray, k: int, seed: int) -> np.ndarray:
     kmeans.train(points)
     _, labels = kmeans.index.search(points, 1)
     return labels[:, 0].astype(np.int64)
+
+
+def _round_cluster_sizes(points: np.ndarray, labels: np.ndarray, multiple: int) -> np.ndarray:
+    """New labels (int64 [n]) whose cluster sizes are multiples of ``multiple`` (one also takes n mod multiple):
+    each size is rounded by largest remainder, then channels move one at a time from a cluster
+    above its size to one below it, always the move that adds the least squared distance to the centroids."""
+    used, labels = np.unique(labels, return_inverse=True)
+    counts = np.bincount(labels, minlength=len(used))
+    centroids = np.stack([points[labels == c].astype(np.float64).mean(0) for c in range(len(used))])
+    target = counts // multiple * multiple
+    spare_units = (len(labels) - target.sum()) // multiple
+    by_remainder = np.lexsort((np.arange(len(used)), -(counts % multiple)))  # largest remainder, then first
+    target[by_remainder[:spare_units]] += multiple
+    target[by_remainder[0] if spare_units == 0 else by_remainder[spare_units - 1]] += len(labels) - target.sum()
+    cost = ((points[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)  # [n, G]
+    counts = counts.copy()
+    while (counts > target).any():
+        over, under = counts > target, np.flatnonzero(counts < target)
+        added = cost[:, under] - cost[np.arange(len(labels)), labels][:, None]  # [n, under]
+        added[~over[labels]] = np.inf
+        channel, to = np.unravel_index(np.argmin(added), added.shape)
+        counts[labels[channel]] -= 1
+        labels[channel] = under[to]
+        counts[under[to]] += 1
+    return labels
 
 
 def _cluster_order(points: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[int]]:

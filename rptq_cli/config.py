@@ -46,6 +46,7 @@ class QuantConfig:
     weight_groups: str | int = "cluster"  # cluster | channel | group size
     clusters: dict = field(default_factory=lambda: dict(DEFAULT_CLUSTERS))
     reorder: bool = True                # False: one cluster per point (the per-tensor baseline)
+    cluster_multiple: int = 1           # cluster sizes rounded to multiples of this (16: the AVX2 GEMV's fast path)
     act_clip: str = "mse"               # minmax | mse: static activation ranges from calibration
     kv_grid: str = "static"             # see KV_GRIDS: how the KV cache's grids are chosen
     percdamp: float = 0.01
@@ -72,6 +73,9 @@ class QuantConfig:
             self.weight_groups = groups = int(groups)
         if not (groups in ("cluster", "channel") or (isinstance(groups, int) and groups > 0)):
             raise RptqError(f"--weight-groups {groups!r} is invalid; use cluster, channel or a positive group size")
+        if not isinstance(self.cluster_multiple, int) or not 1 <= self.cluster_multiple <= 64:
+            raise RptqError(f"--cluster-multiple {self.cluster_multiple!r} is invalid; use 1 (KMeans' own sizes) "
+                            "up to 64, e.g. 16")
         unknown = set(self.clusters) - set(REORDER_POINT_NAMES)
         if unknown:
             raise RptqError(f"--clusters names unknown points {sorted(unknown)}; use R1..R5")

@@ -62,7 +62,8 @@ def plan_layer(stats: LayerStats, heads: HeadLayout, config: QuantConfig, seed: 
                   for f in r.features]
         features = torch.stack([hi for _, hi in ranges] + [lo for lo, _ in ranges], dim=1).float()
         clusterings[r.name] = cluster_channels(features, config.clusters[r.name],
-                                               n_heads=heads.n_kv if r.per_head else 1, seed=seed)
+                                               n_heads=heads.n_kv if r.per_head else 1, seed=seed,
+                                               multiple=config.cluster_multiple)
     return LayerPlan(clusterings)
 
 

@@ -91,6 +91,38 @@ def test_tiny_inputs(channels, n_clusters, n_heads):
         assert clustering.groups_per_head == [1] * n_heads
 
 
+@pytest.mark.parametrize("channels,n_clusters,n_heads", [(576, 32, 1), (512, 4, 8), (1536, 32, 1), (100, 8, 1)])
+def test_cluster_multiple_rounds_sizes_and_moves_few_channels(channels, n_clusters, n_heads):
+    features = _ranges(channels, seed=channels)
+    free = cluster_channels(features, n_clusters, n_heads=n_heads)
+    aligned = cluster_channels(features, n_clusters, n_heads=n_heads, multiple=16)
+    _check_valid(aligned, channels, n_heads)
+    sizes = aligned.cluster_sizes
+    assert len(sizes) <= len(free.cluster_sizes)
+    if channels // n_heads % 16 == 0:
+        assert (sizes % 16 == 0).all(), sizes
+    else:  # 100 channels: one cluster holds the 4 left over
+        assert int((sizes % 16 != 0).sum()) == 1 and int(sizes.sum()) == channels
+    # the channels that move are few: most keep the company of their KMeans cluster
+    label = lambda c: torch.repeat_interleave(torch.arange(len(c.cluster_sizes)), c.cluster_sizes.long())[
+        invert_perm(c.perm)]
+    same = (label(free)[:, None] == label(free)[None]) == (label(aligned)[:, None] == label(aligned)[None])
+    assert same.float().mean() > 0.8
+    assert torch.equal(aligned.perm, cluster_channels(features, n_clusters, n_heads=n_heads, multiple=16).perm)
+
+
+def test_cluster_multiple_moves_the_channels_nearest_their_new_cluster():
+    # kinds A, B, C of 20, 20 and 24 channels: rounded by largest remainder to 16, 16 and 32, so 4 channels of A
+    # and 4 of B join C, and they are the ones of each kind nearest C (the widest ranges)
+    t = torch.linspace(0, 1, 20)
+    kind = lambda lo, hi, spread: torch.stack([-lo - spread, hi + spread], 1)
+    features = torch.cat([kind(1, 1, t), kind(5, 5, t), kind(20, 20, torch.linspace(0, 1, 24))])
+    c = cluster_channels(features, 3, multiple=16)
+    assert c.cluster_sizes.tolist() == [32, 16, 16]  # centroid order: C, B, A
+    joined_c = set(c.perm[:32].tolist()) - set(range(40, 64))
+    assert joined_c == {16, 17, 18, 19, 36, 37, 38, 39}
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RptqError, match="heads"):
         cluster_channels(_ranges(10), 2, n_heads=3)
@@ -100,6 +132,8 @@ def test_bad_inputs_raise_clear_errors():
         cluster_channels(nan, 2)
     with pytest.raises(RptqError):
         cluster_channels(_ranges(10), 0)
+    with pytest.raises(RptqError, match="cluster-multiple"):
+        cluster_channels(_ranges(10), 2, multiple=0)
 
 
 def test_single_cluster_and_invert_perm():

@@ -50,6 +50,11 @@ def random_groups(k, kind, g):
             sizes.append(s)
             left -= s
         return torch.tensor(sizes, dtype=torch.int32)
+    if kind == "runs":  # whole 16-code runs (--cluster-multiple 16), the last group the rest: the AVX2 run path
+        sizes = (torch.randint(1, 6, (k // 16,), generator=g) * 16).tolist()
+        while sum(sizes) >= k:
+            sizes.pop()
+        return torch.tensor(sizes + [k - sum(sizes)], dtype=torch.int32)
     cuts = torch.randperm(k - 1, generator=g)[: min(6, k - 1)].sort().values + 1
     bounds = torch.cat([torch.tensor([0]), cuts, torch.tensor([k])])
     return (bounds[1:] - bounds[:-1]).to(torch.int32)
@@ -88,7 +93,7 @@ def test_pack_unpack_bit_exact(isa, bits, n, k):
 
 # ---- W{2,3,4,8}A16 -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])
+@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny", "runs"])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 20, 33])  # ≤ 32 rows: GEMV blocks of ≤ 8; 33: dequantize + sgemm
 def test_linear_a16(isa, bits, kind, m):
     n, k = 37, 203
@@ -152,7 +157,7 @@ def test_integer_gemv_small_clusters(isa, bits, k):
 
 
 @pytest.mark.parametrize("bits,act_bits", [(4, 8), (4, 4), (3, 4), (2, 8), (8, 8)])
-@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])
+@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny", "runs"])
 @pytest.mark.parametrize("m", [1, 5, 13])
 def test_linear_aq(isa, bits, act_bits, kind, m):
     n, k = 70, 229
@@ -201,8 +206,8 @@ def on_int16_grids(x, gs):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny"])
-@pytest.mark.parametrize("m", [1, 2, 8])
+@pytest.mark.parametrize("kind", ["uneven", "fixed", "one", "tiny", "runs"])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
 def test_integer_gemv_is_the_reference_on_int16_activations(isa, bits, kind, m):
     n, k = 37, 203  # k: a last chunk of one block (a partial load)
     qw, scales, zeros, gs = make_layer(n, k, bits, kind, seed=m + 40)
@@ -215,7 +220,7 @@ def test_integer_gemv_is_the_reference_on_int16_activations(isa, bits, kind, m):
 
 
 @pytest.mark.parametrize("bits,act_bits", [(4, 8), (4, 4), (3, 4), (2, 8), (8, 8)])
-@pytest.mark.parametrize("kind", ["uneven", "tiny"])
+@pytest.mark.parametrize("kind", ["uneven", "tiny", "runs"])
 def test_integer_gemv_of_linear_aq_uses_the_activation_codes(isa, bits, act_bits, kind):
     n, k, m = 37, 203, 3
     qw, scales, zeros, gs = make_layer(n, k, bits, kind, seed=act_bits)
@@ -233,12 +238,20 @@ def test_linear_on_empty_inputs(isa, m, n):
     assert K.linear_aq(x, qw[:n], scales[:n], zeros[:n], gs, 4, s, z, 4).shape == (m, n)
 
 
-def test_integer_gemv_long_group(isa):
-    # one group of 65536 codes: 1024 chunks of int32 partial sums, each converted on its own (no overflow)
+@pytest.mark.parametrize("bits,first", [(4, None), (8, 16), (4, 16)])
+def test_integer_gemv_long_group(isa, bits, first):
+    # one group of 65536 codes: 1024 chunks of int32 partial sums, each converted on its own (no overflow); after a
+    # first group of one run, the run path, whose int32 lanes gather up to 2^31 / (2·255·32767) runs of 8 bits
     n, k = 40, 65536
-    qw, scales, zeros, gs = make_layer(n, k, 4, "one", seed=3)
-    x = torch.randn(1, k, generator=gen(8)) * 50
-    close(K.linear_a16(x, qw, scales, zeros, gs, 4), K.ref_linear_a16(x, qw, scales, zeros, gs, 4))
+    qw, scales, zeros, gs = make_layer(n, k, bits, "one", seed=3)
+    if first:
+        gs = torch.tensor([first, k - first], dtype=torch.int32)
+        scales, zeros = scales.repeat(1, 2), zeros.repeat(1, 2)
+    x = 25 + 25 * torch.rand(1, k, generator=gen(8))  # all positive: the partial sums only grow
+    out = K.linear_a16(x, qw, scales, zeros, gs, bits)
+    close(out, K.ref_linear_a16(x, qw, scales, zeros, gs, bits))
+    if isa in INTEGER_GEMV:
+        close(out, K.ref_linear_a16(on_int16_grids(x, gs), qw, scales, zeros, gs, bits), rtol=2e-6)
 
 
 @needs_compiled

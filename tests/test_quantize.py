@@ -71,6 +71,15 @@ def test_weight_groups_follow_input_clusters(mode):
     assert layer.self_attn.q_proj.group_sizes.numel() == 8
 
 
+def test_cluster_multiple_gives_every_linear_whole_runs_of_16():
+    model = quantized("llama", QuantConfig(wbits=4, abits=4, kv_only=True, clusters=SMALL, weight_quantizer="rtn",
+                                           cluster_multiple=16), kv_heads=2)
+    layer = model.model.layers[0]
+    for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+        assert (linear.group_sizes % 16 == 0).all() and linear.group_sizes.numel() > 1, linear.group_sizes
+    assert (layer.self_attn.rptq.k.group_sizes % 16 == 0).all()
+
+
 def test_no_reorder_is_per_tensor():
     model = quantized(config=QuantConfig(wbits=4, abits=4, reorder=False, weight_quantizer="rtn"))
     layer = model.model.decoder.layers[0]

@@ -127,17 +127,54 @@ void gemv(int64_t M, const float* xs, const Segments& sg, const float* xsum, con
 // and scaled once per visit:
 //   y[m, n] = Σ_g scale[n,g]·s[m,g]·(Σ_{k∈g} c_k·q_k − zero[n,g]·Σ_{k∈g} q_k) + bias[n].
 
-// The activations of one call for M rows over groups gs, staged for q16_rows.
+// Groups made of whole 16-code runs (--cluster-multiple 16) need no visits: a run is one of the four vectors of
+// 16 words that Q16Decode makes of a chunk, all in one group, so each chunk is read once (q16_run_rows).
+// Groups of whole 64-code chunks (g64, g128) already take one visit per chunk and keep q16_rows.
+constexpr int kQ16Run = 16;
+
+// True when every group but the last is whole runs and some group is not whole chunks.
+inline bool whole_runs(const int32_t* gs, int G) {
+  bool runs = true, chunks = true;
+  for (int g = 0; g + 1 < G; ++g) {
+    runs = runs && gs[g] % kQ16Run == 0;
+    chunks = chunks && gs[g] % kQ16Chunk == 0;
+  }
+  return runs && !chunks;
+}
+
+inline int64_t runs_of(const int32_t* gs, int G) {  // K rounded up to a chunk, in runs (zero past K)
+  int64_t k = 0;
+  for (int g = 0; g < G; ++g) k += gs[g];
+  return (k + kQ16Chunk - 1) / kQ16Chunk * (kQ16Chunk / kQ16Run);
+}
+
+// The activations of one call for M rows over groups gs, staged for q16_rows (visits) or read in place by
+// q16_run_rows (runs).
 struct Q16Acts {
-  Segments sg;         // visits: 64-code chunks × groups (built first: every buffer below is sized by it)
-  Buf<int32_t> group;  // [visits] the group of each visit
-  Buf<int16_t> xq;     // [visits][M][64]: the visit's chunk of activations, zero outside its group
-  Buf<float> step;     // [M][G] grid step s
-  Buf<float> qsum;     // [M][G] s·Σ q (the zero-point term)
+  bool by_runs;            // whole_runs(gs, G)
+  Segments sg;             // visits: 64-code chunks × groups (none by runs; built before the buffers it sizes)
+  Buf<int32_t> group;      // [visits] the group of each visit
+  Buf<int16_t> xq;         // [visits][M][64]: the visit's chunk of activations, zero outside its group
+  int64_t runs;            // by runs: runs_of(gs, G) (Kp / 16), else 0
+  Buf<int32_t> run_group;  // [runs] the group of each run
+  const int16_t* q = nullptr;  // by runs: the activations [M][Kp] as q16_drive quantized them (q16_stage)
+  int64_t Kp = 0;
+  Buf<float> step;         // [M][G] grid step s
+  Buf<float> qsum;         // [M][G] s·Σ q (the zero-point term)
   Q16Acts(const int32_t* gs, int G, int64_t M)
-      : group((sg.build(gs, G, kQ16Chunk), sg.n)), xq(sg.n * M * kQ16Chunk), step(M * G), qsum(M * G) {
-    for (int g = 0; g < G; ++g)
+      : by_runs(whole_runs(gs, G)),
+        group(((by_runs ? void() : sg.build(gs, G, kQ16Chunk)), sg.n)),
+        xq(sg.n * M * kQ16Chunk),
+        runs(by_runs ? runs_of(gs, G) : 0),
+        run_group(runs),
+        step(M * G),
+        qsum(M * G) {
+    for (int g = 0; g < G && !by_runs; ++g)
       for (int64_t v = sg.first[g]; v < sg.first[g + 1]; ++v) group[v] = g;
+    for (int64_t r = 0, g = 0, end = 0; r < runs; ++r) {
+      while (r >= end && g < G) end += gs[g++] / kQ16Run;  // the last group also takes the runs past K
+      run_group[r] = int32_t(g - 1);
+    }
   }
 };
 
@@ -151,6 +188,8 @@ inline __m256i word_mask(uint32_t bits) {
 // Stage M rows of int16 activations q [M][Kp] (Kp = K rounded up to kQ16Chunk, zero past K) into the visits (in
 // code order whatever the rows' width and length).
 inline void q16_stage(const int16_t* q, int64_t M, int64_t Kp, int64_t /*rb*/, int /*bits*/, Q16Acts& a) {
+  a.q = q;
+  a.Kp = Kp;
   for (int64_t v = 0; v < a.sg.n; ++v) {
     const uint64_t mk = a.sg.mask[v];
     for (int64_t m = 0; m < M; ++m) {
@@ -341,25 +380,40 @@ inline void q16_row_factors(const Q16Acts& a, const float* sc, const uint8_t* zr
   }
 }
 
-// Output rows [n0, n1); f: scratch [M][G] for the per-row factors.
-template <int M, int BITS>
-void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G,
-              int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f) {
-  // Two accumulators per activation row, for alternate visits (the FMA chain's latency would otherwise bound the
-  // loop), where 16 ymm registers hold them: up to 4 rows.
-  constexpr bool kTwoChains = M <= 4;
-  const int64_t nv = a.sg.n, cb = 2 * block_bytes(BITS);  // bytes per chunk
-  const int64_t* chunk = a.sg.chunk;
-  const int32_t* group = a.group.p;
-  const Q16Decode<BITS> dec;
-  alignas(32) static const uint8_t kZeroBlock[block_bytes(8)] = {0};  // the missing second block of a last chunk
+// The missing second block of a last chunk (rows of an odd number of blocks end in half a chunk)
+alignas(32) static const uint8_t kZeroBlock[block_bytes(8)] = {0};
+
+// Output rows [n0, n1), each: its factors f [M][G] = scale·s and zero-point terms (f: scratch), two
+// accumulators per activation row, dots(row, t0, t1) adding the row's scaled dot products to them, and the sum
+// into y. Two chains, for alternate visits or runs (the FMA's latency would otherwise bound the loop), where 16
+// ymm registers hold them: up to 4 rows.
+template <int M, class Dots>
+inline void q16_each_row(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros,
+                         int G, int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f, Dots&& dots) {
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = qw + n * rb;
     float cz[M];
     q16_row_factors<M>(a, scales + n * G, zeros + n * G, G, f, cz);
     __m256 t0[M], t1[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) t0[m] = t1[m] = _mm256_setzero_ps();
+    dots(qw + n * rb, t0, t1);
+    const float b = bias ? bias[n] : 0.f;
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) y[m * N + n] = hsum8(_mm256_add_ps(t0[m], t1[m])) - cz[m] + b;
+  }
+}
+
+// Output rows [n0, n1) by visits (q16_each_row).
+template <int M, int BITS>
+void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G,
+              int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f) {
+  constexpr bool kTwoChains = M <= 4;
+  const int64_t nv = a.sg.n, cb = 2 * block_bytes(BITS);  // bytes per chunk
+  const int64_t* chunk = a.sg.chunk;
+  const int32_t* group = a.group.p;
+  const Q16Decode<BITS> dec;
+  q16_each_row<M>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f,
+                  [&](const uint8_t* row, __m256 (&t0)[M], __m256 (&t1)[M]) {
     auto visit = [&](int64_t v, __m256 (&t)[M]) {
       const int64_t at = chunk[v] * cb;
       // the next row, chunk by chunk (the hardware prefetcher alone left one thread at a third of the bandwidth it
@@ -379,10 +433,41 @@ void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scal
       visit(v + 1, kTwoChains ? t1 : t0);
     }
     if (v < nv) visit(v, t0);
-    const float b = bias ? bias[n] : 0.f;
+  });
+}
+
+// Output rows [n0, n1) for groups of whole runs (Q16Acts::by_runs): each chunk of a row is decoded once
+// (Q16Decode's four vectors are its four runs), and each run is met with the activations in place, converted and
+// scaled by its own group's factor. One pass over the chunks, the same for every row: no loop per group, whose
+// varying trip counts (one or two runs for RPTQ's small clusters) would cost a mispredicted branch every few runs.
+template <int M, int BITS>
+void q16_run_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G,
+                  int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f) {
+  constexpr bool kTwoChains = M <= 4;
+  constexpr int64_t cb = 2 * block_bytes(BITS);  // bytes per chunk
+  const int64_t chunks = a.Kp / kQ16Chunk;
+  const int32_t* run_group = a.run_group.p;
+  const Q16Decode<BITS> dec;
+  q16_each_row<M>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f,
+                  [&](const uint8_t* row, __m256 (&t0)[M], __m256 (&t1)[M]) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t at = c * cb;
+      _mm_prefetch(reinterpret_cast<const char*>(row + rb + at), _MM_HINT_T0);  // the next row (as q16_rows)
+      __m256i w[4];
+      dec(row + at, at + cb <= rb ? row + at + cb / 2 : kZeroBlock, w);
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        const int64_t r = 4 * c + h;
+        const float* fg = f + run_group[r];
+        __m256(&t)[M] = (h & 1) && kTwoChains ? t1 : t0;
 #pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) y[m * N + n] = hsum8(_mm256_add_ps(t0[m], t1[m])) - cz[m] + b;
-  }
+        for (int m = 0; m < M; ++m) {
+          const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(a.q + m * a.Kp + r * kQ16Run));
+          t[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[h], x)), _mm256_set1_ps(fg[m * G]), t[m]);
+        }
+      }
+    }
+  });
 }
 
 // The W{2,3,4,8} GEMV on int16 activations (linear_a16's when act_scale is null; the table's gemv_aq)
@@ -394,7 +479,10 @@ void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales,
                      [&](auto rows, auto width, const Q16Acts& a, int64_t n0, int64_t n1) {
                        constexpr int R = decltype(rows)::value, B = decltype(width)::value;
                        Buf<float> f(R * G);
-                       q16_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
+                       if (a.by_runs)
+                         q16_run_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
+                       else
+                         q16_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
                      });
 }
 
@@ -681,7 +769,6 @@ struct Attention {
     Buf<int16_t> qi(nq * Dp);
     Buf<float> step(nq);
     for (int64_t j = 0; j < nq; ++j) quantize_query(qs + j * C * 8, C, qi.p + j * Dp, Dp, step.p + j);
-    alignas(32) static const uint8_t kZeroBlock[block_bytes(8)] = {0};  // the missing second block of a last chunk
     const Q16Decode<BITS> dec;
     for (int64_t s0 = 0; s0 < kv_len; s0 += 8) {
       const int64_t rows = kv_len - s0 < 8 ? kv_len - s0 : 8;

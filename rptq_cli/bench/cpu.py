@@ -40,12 +40,13 @@ def read_bandwidth(reps: int) -> dict:
     return _row("read_bandwidth", f"{n * 4 // 2**20}MiB fp32 {how}", ms, None, None, gbps=n * 4 / ms / 1e6)
 
 
-def bench_gemv(n, k, bits, reps, bw, groups=32, baselines=("torch_fp32", "torch_bf16"), uneven=False) -> list[dict]:
-    qweight, scales, zeros, gs = quantized_linear(n, k, bits, cluster_sizes(k, groups, uneven))
+def bench_gemv(n, k, bits, reps, bw, groups=32, baselines=("torch_fp32", "torch_bf16"), uneven=False,
+               multiple=1) -> list[dict]:
+    qweight, scales, zeros, gs = quantized_linear(n, k, bits, cluster_sizes(k, groups, uneven, multiple=multiple))
     x = torch.randn(1, k)
     ours = (lambda qw, s, z: kernels.linear_a16(x, qw, s, z, gs, bits), (qweight, scales, zeros))
     weight_bytes = nbytes(qweight, scales, zeros)
-    shape = f"1x{k} @ {k}x{n}" + (f" {groups} clusters" if uneven else "")
+    shape = f"1x{k} @ {k}x{n}" + (f" {groups} clusters" if uneven else "") + (f" x{multiple}" if multiple > 1 else "")
     rows = []
     for name in baselines:
         dtype = torch.float32 if name == "torch_fp32" else torch.bfloat16
@@ -168,6 +169,8 @@ def cpu_rows(quick: bool, add) -> None:
     # and 4 per head (R3, o_proj's input)
     add(bench_gemv(4096, 4096, 4, reps, bw, groups=32, baselines=("torch_bf16",), uneven=True))
     add(bench_gemv(4096, 4096, 4, reps, bw, groups=128, baselines=("torch_bf16",), uneven=True))
+    # the same with every cluster a multiple of 16 channels (--cluster-multiple 16)
+    add(bench_gemv(4096, 4096, 4, reps, bw, groups=128, baselines=("torch_bf16",), uneven=True, multiple=16))
     if not quick:
         add(bench_gemv(4096, 11008, 4, reps, bw))
     add(bench_gemm_aq(512, 4096, 4096, 8, few))

@@ -6,18 +6,20 @@ import torch
 from rptq_cli.quant.pack import pack_rows
 
 
-def cluster_sizes(k: int, groups: int, uneven: bool, seed: int = 0) -> torch.Tensor:
-    """Group sizes summing to k: equal (g = k / groups), or uneven like the KMeans clusters of a real layer."""
+def cluster_sizes(k: int, groups: int, uneven: bool, seed: int = 0, multiple: int = 1) -> torch.Tensor:
+    """Group sizes summing to k: equal (g = k / groups), or uneven like the KMeans clusters of a real layer, each a
+    multiple of ``multiple`` channels (``--cluster-multiple``; k must be a multiple of it)."""
     if not uneven:
         sizes = torch.full((groups,), k // groups, dtype=torch.int32)
         sizes[: k % groups] += 1
         return sizes
     # KMeans-like uneven clusters: random positive sizes summing to k
+    units = k // multiple
     generator = torch.Generator().manual_seed(seed)
     weights = torch.rand(groups, generator=generator) + 0.2
-    sizes = (weights / weights.sum() * (k - groups)).floor().to(torch.int32) + 1
-    sizes[0] += k - int(sizes.sum())
-    return sizes
+    sizes = (weights / weights.sum() * (units - groups)).floor().to(torch.int32) + 1
+    sizes[0] += units - int(sizes.sum())
+    return sizes * multiple
 
 
 def quantized_linear(n: int, k: int, bits: int, group_sizes: torch.Tensor, seed: int = 0, device: str = "cpu"):
