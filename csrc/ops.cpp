@@ -256,7 +256,7 @@ Tensor decode_attention(const Tensor& q, const Tensor& k_packed, const Tensor& v
   return out.to(q.scalar_type());
 }
 
-// ---- the KV cache on per-token grids (kernels in cpu/kv_token.cpp)
+// ---- the KV cache on per-token grids (kernels in cpu/kv_token.inc)
 
 uint16_t* half_bits(const Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::Half>()); }
 
@@ -266,7 +266,7 @@ void kv_append_token(const Tensor& cache, const Tensor& scale, const Tensor& zer
   const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3), S = cache.size(2);
   const int64_t G = group_sizes.size(1), rb = row_bytes(D, bits);
   Tensor xf = f32(x), g = i32(group_sizes), r = f32(clip);
-  rptq_cpu::kv_token_pack(xf.data_ptr<float>(), B * H, H, T, D, g.data_ptr<int32_t>(), r.data_ptr<float>(), G,
+  table().kv_token_pack(xf.data_ptr<float>(), B * H, H, T, D, g.data_ptr<int32_t>(), r.data_ptr<float>(), G,
                           int(bits), cache.data_ptr<uint8_t>() + pos * rb, S * rb, half_bits(scale) + pos * G,
                           zero.data_ptr<uint8_t>() + pos * G, S * G);
 }
@@ -276,7 +276,7 @@ Tensor kv_unpack_token(const Tensor& packed, const Tensor& scale, const Tensor& 
   rptq_checks::check_kv_unpack_token(packed, scale, zero, group_sizes, bits, D);
   Tensor p = packed.contiguous(), s = scale.contiguous(), z = zero.contiguous(), g = i32(group_sizes);
   Tensor out = at::empty({p.size(0), p.size(1), p.size(2), D}, p.options().dtype(at::kFloat));
-  rptq_cpu::kv_token_unpack(p.data_ptr<uint8_t>(), half_bits(s), z.data_ptr<uint8_t>(), p.size(0) * p.size(1),
+  table().kv_token_unpack(p.data_ptr<uint8_t>(), half_bits(s), z.data_ptr<uint8_t>(), p.size(0) * p.size(1),
                             p.size(1), p.size(2), D, g.data_ptr<int32_t>(), g.size(1), int(bits), out.data_ptr<float>());
   return out;
 }
@@ -293,7 +293,7 @@ Tensor decode_attention_token(const Tensor& q, const Tensor& k_packed, const Ten
   Tensor ks = k_scale.contiguous(), kz = k_zero.contiguous(), vs = v_scale.contiguous(), vz = v_zero.contiguous();
   Tensor kg = i32(k_group_sizes), vg = i32(v_group_sizes);
   Tensor out = at::empty_like(qf);
-  rptq_cpu::kv_token_attention(qf.data_ptr<float>(), B, Hq, Tq, D, kp.data_ptr<uint8_t>(), vp.data_ptr<uint8_t>(), Hkv,
+  table().kv_token_attention(qf.data_ptr<float>(), B, Hq, Tq, D, kp.data_ptr<uint8_t>(), vp.data_ptr<uint8_t>(), Hkv,
                                S, half_bits(ks), kz.data_ptr<uint8_t>(), half_bits(vs), vz.data_ptr<uint8_t>(),
                                kg.data_ptr<int32_t>(), kg.size(1), vg.data_ptr<int32_t>(), vg.size(1), int(bits),
                                kv_len, float(scaling), int(p_bits), out.data_ptr<float>());

@@ -68,6 +68,19 @@ struct KernelTable {
                            const uint8_t* vp, int64_t Hkv, int64_t S, const float* k_scale,
                            const int32_t* k_zero, const float* v_scale, const int32_t* v_zero, int bits,
                            int64_t kv_len, float scaling, int p_bits, float* out);
+  // The KV cache on per-token grids (kv_token.inc). Rows as for kv_pack: slab i of B·H is head i % H; groups
+  // int32 [H, G] (Σ per row = D, empty groups allowed), clip float32 [H, G]; per-token grids float16 bits /
+  // uint8 [slab, S, G].
+  void (*kv_token_pack)(const float* x, int64_t BH, int64_t H, int64_t T, int64_t D, const int32_t* groups,
+                        const float* clip, int64_t G, int bits, uint8_t* codes, int64_t codes_slab, uint16_t* scale,
+                        uint8_t* zero, int64_t params_slab);
+  void (*kv_token_unpack)(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t BH, int64_t H,
+                          int64_t T, int64_t D, const int32_t* groups, int64_t G, int bits, float* out);
+  void (*kv_token_attention)(const float* q, int64_t B, int64_t Hq, int64_t Tq, int64_t D, const uint8_t* kp,
+                             const uint8_t* vp, int64_t Hkv, int64_t S, const uint16_t* k_scale,
+                             const uint8_t* k_zero, const uint16_t* v_scale, const uint8_t* v_zero,
+                             const int32_t* k_groups, int64_t Gk, const int32_t* v_groups, int64_t Gv, int bits,
+                             int64_t kv_len, float scaling, int p_bits, float* out);
 };
 
 void fill_scalar(KernelTable* t);
@@ -75,19 +88,5 @@ void fill_avx2(KernelTable* t);
 void fill_avx512(KernelTable* t);  // requires avx512f/bw/vl + avx512vnni
 void fill_amx(KernelTable* t);     // avx512 + the AMX int8 GEMM; requires amx_usable()
 bool amx_usable();                 // AMX-INT8 present and the OS granted the tile state
-
-// The KV cache on per-token grids (kv_token.cpp; one portable build, not per ISA). Rows as for kv_pack: slab i
-// of B·H is head i % H; groups int32 [H, G] (Σ per row = D, empty groups allowed), clip float32 [H, G];
-// per-token grids float16 bits / uint8 [slab, S, G].
-void kv_token_pack(const float* x, int64_t BH, int64_t H, int64_t T, int64_t D, const int32_t* groups,
-                   const float* clip, int64_t G, int bits, uint8_t* codes, int64_t codes_slab, uint16_t* scale,
-                   uint8_t* zero, int64_t params_slab);
-void kv_token_unpack(const uint8_t* codes, const uint16_t* scale, const uint8_t* zero, int64_t BH, int64_t H, int64_t T,
-                     int64_t D, const int32_t* groups, int64_t G, int bits, float* out);
-void kv_token_attention(const float* q, int64_t B, int64_t Hq, int64_t Tq, int64_t D, const uint8_t* kp,
-                        const uint8_t* vp, int64_t Hkv, int64_t S, const uint16_t* k_scale, const uint8_t* k_zero,
-                        const uint16_t* v_scale, const uint8_t* v_zero, const int32_t* k_groups, int64_t Gk,
-                        const int32_t* v_groups, int64_t Gv, int bits, int64_t kv_len, float scaling, int p_bits,
-                        float* out);
 
 }  // namespace rptq_cpu
