@@ -267,8 +267,8 @@ void kv_append_token(const Tensor& cache, const Tensor& scale, const Tensor& zer
   const int64_t G = group_sizes.size(1), rb = row_bytes(D, bits);
   Tensor xf = f32(x), g = i32(group_sizes), r = f32(clip);
   table().kv_token_pack(xf.data_ptr<float>(), B * H, H, T, D, g.data_ptr<int32_t>(), r.data_ptr<float>(), G,
-                          int(bits), cache.data_ptr<uint8_t>() + pos * rb, S * rb, half_bits(scale) + pos * G,
-                          zero.data_ptr<uint8_t>() + pos * G, S * G);
+                        int(bits), cache.data_ptr<uint8_t>() + pos * rb, S * rb, half_bits(scale) + pos * G,
+                        zero.data_ptr<uint8_t>() + pos * G, S * G);
 }
 
 Tensor kv_unpack_token(const Tensor& packed, const Tensor& scale, const Tensor& zero, const Tensor& group_sizes,
@@ -277,7 +277,7 @@ Tensor kv_unpack_token(const Tensor& packed, const Tensor& scale, const Tensor& 
   Tensor p = packed.contiguous(), s = scale.contiguous(), z = zero.contiguous(), g = i32(group_sizes);
   Tensor out = at::empty({p.size(0), p.size(1), p.size(2), D}, p.options().dtype(at::kFloat));
   table().kv_token_unpack(p.data_ptr<uint8_t>(), half_bits(s), z.data_ptr<uint8_t>(), p.size(0) * p.size(1),
-                            p.size(1), p.size(2), D, g.data_ptr<int32_t>(), g.size(1), int(bits), out.data_ptr<float>());
+                          p.size(1), p.size(2), D, g.data_ptr<int32_t>(), g.size(1), int(bits), out.data_ptr<float>());
   return out;
 }
 
@@ -294,9 +294,9 @@ Tensor decode_attention_token(const Tensor& q, const Tensor& k_packed, const Ten
   Tensor kg = i32(k_group_sizes), vg = i32(v_group_sizes);
   Tensor out = at::empty_like(qf);
   table().kv_token_attention(qf.data_ptr<float>(), B, Hq, Tq, D, kp.data_ptr<uint8_t>(), vp.data_ptr<uint8_t>(), Hkv,
-                               S, half_bits(ks), kz.data_ptr<uint8_t>(), half_bits(vs), vz.data_ptr<uint8_t>(),
-                               kg.data_ptr<int32_t>(), kg.size(1), vg.data_ptr<int32_t>(), vg.size(1), int(bits),
-                               kv_len, float(scaling), int(p_bits), out.data_ptr<float>());
+                             S, half_bits(ks), kz.data_ptr<uint8_t>(), half_bits(vs), vz.data_ptr<uint8_t>(),
+                             kg.data_ptr<int32_t>(), kg.size(1), vg.data_ptr<int32_t>(), vg.size(1), int(bits),
+                             kv_len, float(scaling), int(p_bits), out.data_ptr<float>());
   return out.to(q.scalar_type());
 }
 
