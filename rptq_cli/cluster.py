@@ -152,9 +152,8 @@ def _round_cluster_sizes(points: np.ndarray, labels: np.ndarray, multiple: int) 
     spare_units = (len(labels) - target.sum()) // multiple
     by_remainder = np.lexsort((np.arange(len(used)), -(counts % multiple)))  # largest remainder, then first
     target[by_remainder[:spare_units]] += multiple
-    target[by_remainder[0] if spare_units == 0 else by_remainder[spare_units - 1]] += len(labels) - target.sum()
+    target[by_remainder[max(spare_units - 1, 0)]] += len(labels) - target.sum()  # n mod multiple
     cost = ((points[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)  # [n, G]
-    counts = counts.copy()
     while (counts > target).any():
         over, under = counts > target, np.flatnonzero(counts < target)
         added = cost[:, under] - cost[np.arange(len(labels)), labels][:, None]  # [n, under]
