@@ -127,54 +127,85 @@ void gemv(int64_t M, const float* xs, const Segments& sg, const float* xsum, con
 // and scaled once per visit:
 //   y[m, n] = Σ_g scale[n,g]·s[m,g]·(Σ_{k∈g} c_k·q_k − zero[n,g]·Σ_{k∈g} q_k) + bias[n].
 
-// Groups made of whole 16-code runs (--cluster-multiple 16) need no visits: a run is one of the four vectors of
-// 16 words that Q16Decode makes of a chunk, all in one group, so each chunk is read once (q16_run_rows).
-// Groups of whole 64-code chunks (g64, g128) already take one visit per chunk and keep q16_rows.
+// Small groups take runs instead of visits (q16_run_rows): each chunk is decoded once, and each of its four
+// 16-word vectors (a run) is scaled by the factor of the group of its first code. A run that crosses into further
+// groups is read there with the codes of those groups zeroed, and each further group's part of it is one fix:
+// the same decoded run (kept from the main pass) against only that part's activations, scaled by that group's
+// factor. Exact like the visits (each code meets its own group's factor once), but a chunk holding parts of four
+// groups costs four runs and three fixes of one vpmaddwd each, not four visits of four vpmaddwd and a decode each.
 constexpr int kQ16Run = 16;
 
-// True when every group but the last is whole runs and some group is not whole chunks.
-inline bool whole_runs(const int32_t* gs, int G) {
-  bool runs = true, chunks = true;
-  for (int g = 0; g + 1 < G; ++g) {
-    runs = runs && gs[g] % kQ16Run == 0;
-    chunks = chunks && gs[g] % kQ16Chunk == 0;
-  }
-  return runs && !chunks;
-}
-
-inline int64_t runs_of(const int32_t* gs, int G) {  // K rounded up to a chunk, in runs (zero past K)
+inline int64_t codes_of(const int32_t* gs, int G) {
   int64_t k = 0;
   for (int g = 0; g < G; ++g) k += gs[g];
-  return (k + kQ16Chunk - 1) / kQ16Chunk * (kQ16Chunk / kQ16Run);
+  return k;
 }
 
-// The activations of one call for M rows over groups gs, staged for q16_rows (visits) or read in place by
-// q16_run_rows (runs).
+// (group, lanes-wide chunk) pairs of the groups gs: the visits Segments::build makes at that width
+inline int64_t group_spans(const int32_t* gs, int G, int lanes) {
+  int64_t n = 0, s = 0;
+  for (int g = 0; g < G; ++g) {
+    const int64_t e = s + gs[g];
+    n += gs[g] ? (e - 1) / lanes - s / lanes + 1 : 0;
+    s = e;
+  }
+  return n;
+}
+
+// Runs or visits, whichever costs less by the per-row times measured on AVX2 (docs/kernels.md): about 4.2 ns a
+// visit against 1.9 ns a run and 1.5 ns a fix. Groups of whole chunks (g64, g128) take visits.
+inline bool runs_cost_less(const int32_t* gs, int G) {
+  const int64_t runs = (codes_of(gs, G) + kQ16Run - 1) / kQ16Run, fixes = group_spans(gs, G, kQ16Run) - runs;
+  return 42 * group_spans(gs, G, kQ16Chunk) > 19 * runs + 15 * fixes;
+}
+
+// The activations of one call for M rows over groups gs, staged for q16_rows (visits) or q16_run_rows (runs).
 struct Q16Acts {
-  bool by_runs;            // whole_runs(gs, G)
+  bool by_runs;            // runs_cost_less(gs, G)
   Segments sg;             // visits: 64-code chunks × groups (none by runs; built before the buffers it sizes)
   Buf<int32_t> group;      // [visits] the group of each visit
   Buf<int16_t> xq;         // [visits][M][64]: the visit's chunk of activations, zero outside its group
-  int64_t runs;            // by runs: runs_of(gs, G) (Kp / 16), else 0
-  Buf<int32_t> run_group;  // [runs] the group of each run
-  const int16_t* q = nullptr;  // by runs: the activations [M][Kp] as q16_drive quantized them (q16_stage)
+  int64_t runs;            // by runs: Kp / 16, else 0
+  Buf<int32_t> run_group;  // [runs] the group of each run's first code (the last group for runs past K)
+  int64_t fixes;           // by runs: the parts of runs that lie in groups other than the run's first
+  Buf<int32_t> fix_run;    // [fixes] the run of each fix
+  Buf<int32_t> fix_group;  // [fixes] its group
+  Buf<int32_t> fix_span;   // [fixes][2] its codes' positions [lo, hi) in the run
+  Buf<int16_t> xf;         // [fixes][M][16]: the run's activations, zero outside the fix's group
+  Buf<int16_t> xr;         // [M][Kp] if there are fixes: the activations, each run's zero outside its first group
+  const int16_t* q = nullptr;  // by runs: the activations [M][Kp] the runs read (q16_drive's, or xr)
   int64_t Kp = 0;
   Buf<float> step;         // [M][G] grid step s
   Buf<float> qsum;         // [M][G] s·Σ q (the zero-point term)
   Q16Acts(const int32_t* gs, int G, int64_t M)
-      : by_runs(whole_runs(gs, G)),
+      : by_runs(runs_cost_less(gs, G)),
         group(((by_runs ? void() : sg.build(gs, G, kQ16Chunk)), sg.n)),
         xq(sg.n * M * kQ16Chunk),
-        runs(by_runs ? runs_of(gs, G) : 0),
+        runs(by_runs ? (codes_of(gs, G) + kQ16Chunk - 1) / kQ16Chunk * (kQ16Chunk / kQ16Run) : 0),
         run_group(runs),
+        fixes(by_runs ? group_spans(gs, G, kQ16Run) - (codes_of(gs, G) + kQ16Run - 1) / kQ16Run : 0),
+        fix_run(fixes),
+        fix_group(fixes),
+        fix_span(2 * fixes),
+        xf(fixes * M * kQ16Run),
+        xr(fixes ? M * runs * kQ16Run : 0),
         step(M * G),
         qsum(M * G) {
     for (int g = 0; g < G && !by_runs; ++g)
       for (int64_t v = sg.first[g]; v < sg.first[g + 1]; ++v) group[v] = g;
-    for (int64_t r = 0, g = 0, end = 0; r < runs; ++r) {
-      while (r >= end && g < G) end += gs[g++] / kQ16Run;  // the last group also takes the runs past K
-      run_group[r] = int32_t(g - 1);
+    for (int64_t r = 0, g = 0, end = gs[0]; r < runs; ++r) {
+      while (g + 1 < G && r * kQ16Run >= end) end += gs[++g];
+      run_group[r] = int32_t(g);
     }
+    for (int64_t g = 0, s = 0, i = 0; g < G && fixes; s += gs[g++])
+      for (int64_t r = s / kQ16Run; gs[g] && r <= (s + gs[g] - 1) / kQ16Run; ++r)
+        if (run_group[r] != g) {
+          fix_run[i] = int32_t(r);
+          fix_group[i] = int32_t(g);
+          fix_span[2 * i] = int32_t(imax(s, r * kQ16Run) - r * kQ16Run);
+          fix_span[2 * i + 1] = int32_t(imin(s + gs[g], (r + 1) * kQ16Run) - r * kQ16Run);
+          ++i;
+        }
   }
 };
 
@@ -185,11 +216,27 @@ inline __m256i word_mask(uint32_t bits) {
   return _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(int16_t(bits)), bit), bit);
 }
 
-// Stage M rows of int16 activations q [M][Kp] (Kp = K rounded up to kQ16Chunk, zero past K) into the visits (in
-// code order whatever the rows' width and length).
+// Stage M rows of int16 activations q [M][Kp] (Kp = K rounded up to kQ16Chunk, zero past K): into the visits (in
+// code order whatever the rows' width and length), or for the runs into the fixes and, where there are fixes, a
+// copy with the fixes' codes zeroed.
 inline void q16_stage(const int16_t* q, int64_t M, int64_t Kp, int64_t /*rb*/, int /*bits*/, Q16Acts& a) {
-  a.q = q;
   a.Kp = Kp;
+  a.q = q;
+  if (a.fixes) {
+    std::memcpy(a.xr.p, q, sizeof(int16_t) * M * Kp);
+    a.q = a.xr.p;
+  }
+  for (int64_t i = 0; i < a.fixes; ++i) {  // the fix's codes move from the run to the fix
+    const int lo = a.fix_span[2 * i], hi = a.fix_span[2 * i + 1];
+    for (int64_t m = 0; m < M; ++m) {
+      int16_t* run = a.xr.p + m * Kp + a.fix_run[i] * kQ16Run;
+      int16_t* part = a.xf.p + (i * M + m) * kQ16Run;
+      for (int j = 0; j < kQ16Run; ++j) {
+        part[j] = j >= lo && j < hi ? run[j] : int16_t(0);
+        if (j >= lo && j < hi) run[j] = 0;
+      }
+    }
+  }
   for (int64_t v = 0; v < a.sg.n; ++v) {
     const uint64_t mk = a.sg.mask[v];
     for (int64_t m = 0; m < M; ++m) {
@@ -436,13 +483,14 @@ void q16_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scal
   });
 }
 
-// Output rows [n0, n1) for groups of whole runs (Q16Acts::by_runs): each chunk of a row is decoded once
-// (Q16Decode's four vectors are its four runs), and each run is met with the activations in place, converted and
-// scaled by its own group's factor. One pass over the chunks, the same for every row: no loop per group, whose
-// varying trip counts (one or two runs for RPTQ's small clusters) would cost a mispredicted branch every few runs.
-template <int M, int BITS>
+// Output rows [n0, n1) by runs (Q16Acts::by_runs): each chunk of a row is decoded once (Q16Decode's four vectors
+// are its four runs), and each run is met with the activations in place, converted and scaled by the factor of its
+// first code's group; then the fixes, on the runs kept in `decoded` ([runs][16] words, scratch, if there are
+// fixes). One pass over the chunks, the same for every row: no loop per group, whose varying trip counts (one or
+// two runs for RPTQ's small clusters) would cost a mispredicted branch every few runs.
+template <int M, int BITS, bool kFixes>
 void q16_run_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* scales, const uint8_t* zeros, int G,
-                  int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f) {
+                  int64_t n0, int64_t n1, int64_t N, const float* bias, float* y, float* f, int16_t* decoded) {
   constexpr bool kTwoChains = M <= 4;
   constexpr int64_t cb = 2 * block_bytes(BITS);  // bytes per chunk
   const int64_t chunks = a.Kp / kQ16Chunk;
@@ -458,6 +506,7 @@ void q16_run_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* 
 #pragma GCC unroll 4
       for (int h = 0; h < 4; ++h) {
         const int64_t r = 4 * c + h;
+        if constexpr (kFixes) _mm256_store_si256(reinterpret_cast<__m256i*>(decoded + r * kQ16Run), w[h]);
         const float* fg = f + run_group[r];
         __m256(&t)[M] = (h & 1) && kTwoChains ? t1 : t0;
 #pragma GCC unroll 8
@@ -466,6 +515,24 @@ void q16_run_rows(const Q16Acts& a, const uint8_t* qw, int64_t rb, const float* 
           t[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[h], x)), _mm256_set1_ps(fg[m * G]), t[m]);
         }
       }
+    }
+    if constexpr (kFixes) {
+      auto fix = [&](int64_t i, __m256 (&t)[M]) {
+        const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(decoded + a.fix_run.p[i] * kQ16Run));
+        const int16_t* xv = a.xf.p + i * M * kQ16Run;
+        const float* fg = f + a.fix_group.p[i];
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {
+          const __m256i x = _mm256_load_si256(reinterpret_cast<const __m256i*>(xv + m * kQ16Run));
+          t[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, x)), _mm256_set1_ps(fg[m * G]), t[m]);
+        }
+      };
+      int64_t i = 0;
+      for (; i + 2 <= a.fixes; i += 2) {
+        fix(i, t0);
+        fix(i + 1, kTwoChains ? t1 : t0);
+      }
+      if (i < a.fixes) fix(i, t0);
     }
   });
 }
@@ -479,8 +546,11 @@ void q16_gemv(const float* x, int64_t M, const uint8_t* qw, const float* scales,
                      [&](auto rows, auto width, const Q16Acts& a, int64_t n0, int64_t n1) {
                        constexpr int R = decltype(rows)::value, B = decltype(width)::value;
                        Buf<float> f(R * G);
-                       if (a.by_runs)
-                         q16_run_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
+                       Buf<int16_t> decoded(a.fixes ? a.runs * kQ16Run : 0);
+                       if (a.by_runs && a.fixes)
+                         q16_run_rows<R, B, true>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p, decoded.p);
+                       else if (a.by_runs)
+                         q16_run_rows<R, B, false>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p, nullptr);
                        else
                          q16_rows<R, B>(a, qw, rb, scales, zeros, G, n0, n1, N, bias, y, f.p);
                      });
