@@ -240,6 +240,9 @@ def config_options(fn):
                      help="Activation ranges: calibrated min/max or the MSE-best clipped range [mse]."),
         click.option("--kv-grid", type=click.Choice(list(KV_GRIDS)), default=None,
                      help="; ".join(f"{name}: {text}" for name, text in KV_GRIDS.items()) + " [static]."),
+        click.option("--head-bits", type=int, default=None,
+                     help="lm_head: 8 packs it at 8 bits (half the bytes a decode step streams for it; the "
+                          "embeddings stay float16), 16 keeps it float16 [16]."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -254,20 +257,20 @@ def quant_options(fn):
 
 
 def _config_flags(wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-                  act_clip, kv_grid, cluster_multiple) -> dict:
+                  act_clip, kv_grid, cluster_multiple, head_bits) -> dict:
     """The quantization flags as :func:`config.build_config` takes them (None: not given)."""
     from .config import parse_clusters
     return dict(wbits=wbits, abits=abits, kv_only=kv_only, mode=mode, weight_quantizer=weight_quantizer,
                 weight_groups=weight_groups, clusters=parse_clusters(clusters) if clusters else None,
                 reorder=False if no_reorder else None, act_clip=act_clip, kv_grid=kv_grid,
-                cluster_multiple=cluster_multiple)
+                cluster_multiple=cluster_multiple, head_bits=head_bits)
 
 
 def _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-                  act_clip, kv_grid, cluster_multiple):
+                  act_clip, kv_grid, cluster_multiple, head_bits):
     from .config import build_config
     given = _config_flags(wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-                          act_clip, kv_grid, cluster_multiple)
+                          act_clip, kv_grid, cluster_multiple, head_bits)
     if preset is None and all(v is None for v in given.values()):
         return None
     config = build_config(preset, **given)
@@ -383,8 +386,8 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 @_run
 def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_tasks, lm_eval_include, limit,
              num_fewshot, no_verify, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-             no_reorder, cluster_multiple, act_clip, kv_grid, stats_path, calib_dataset, calib_path, nsamples, seqlen,
-             seed, batch_size, device, dtype, device_map, max_memory):
+             no_reorder, cluster_multiple, act_clip, kv_grid, head_bits, stats_path, calib_dataset, calib_path,
+             nsamples, seqlen, seed, batch_size, device, dtype, device_map, max_memory):
     """GPTQ-protocol perplexity (and lm-eval accuracy) of an FP model, a simulated RPTQ quantization or a
     checkpoint."""
     from .data import eval_tokens
@@ -415,7 +418,7 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_ta
         _prepare_output(report_path, force, is_ours=_is_report_json, kind="report file", directory=False,
                         sources=(model,))
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-                           no_reorder, act_clip, kv_grid, cluster_multiple)
+                           no_reorder, act_clip, kv_grid, cluster_multiple, head_bits)
     compute_dtype = resolve_dtype(dtype, device)
     net, tokenizer, family = _load_any(model, compute_dtype, verify=not no_verify)
     if family is None and config is not None:
@@ -543,8 +546,8 @@ def _load_any(model: str, dtype, verify: bool = True):
 @model_options
 @_run
 def quantize(model, output, force, resume, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups,
-             clusters, no_reorder, cluster_multiple, act_clip, kv_grid, stats_path, calib_dataset, calib_path, nsamples,
-             seqlen, seed, batch_size, device, dtype):
+             clusters, no_reorder, cluster_multiple, act_clip, kv_grid, head_bits, stats_path, calib_dataset,
+             calib_path, nsamples, seqlen, seed, batch_size, device, dtype):
     """Quantize MODEL with RPTQ and write a packed checkpoint directory.
 
     Finished layers are kept durably in a temporary directory beside -o; after a crash or kill, the same command
@@ -558,7 +561,7 @@ def quantize(model, output, force, resume, preset, wbits, abits, kv_only, mode, 
     _prepare_output(output, force, is_ours=is_quantized_checkpoint, kind="checkpoint directory", directory=True,
                     sources=(model,))  # before the expensive part, not only when writing
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-                           no_reorder, act_clip, kv_grid, cluster_multiple)
+                           no_reorder, act_clip, kv_grid, cluster_multiple, head_bits)
     if config is None:
         raise RptqError("nothing to quantize: give --wbits/--abits below 16 or a --config preset (e.g. w4a4kv)")
     device = resolve_device(device)
@@ -685,7 +688,7 @@ def _is_memory_json(path: Path) -> bool:
 @click.option("--force", is_flag=True, help="Replace an existing --json file (only one rptq memory wrote).")
 @_run
 def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-           cluster_multiple, act_clip, kv_grid, batch, seqlen, nsamples, json_path, force):
+           cluster_multiple, act_clip, kv_grid, head_bits, batch, seqlen, nsamples, json_path, force):
     """Predict MODEL's memory from its config.json alone: weights, KV cache, peaks of quantize and of running.
     Without --config, --wbits or --abits: a column for each of the paper's presets (w4a16 w4a8 w4a4kv w4a3kv
     w3a3kv), with the other flags given applied to each."""
@@ -694,12 +697,12 @@ def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_
     if json_path:
         _prepare_output(json_path, force, is_ours=_is_memory_json, kind="memory JSON", directory=False)
     config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-                           no_reorder, act_clip, kv_grid, cluster_multiple)
+                           no_reorder, act_clip, kv_grid, cluster_multiple, head_bits)
     if config is None and (preset or wbits or abits):
         raise RptqError("nothing is quantized with these settings: give --wbits/--abits below 16")
     if config is None:  # the paper's columns, with whatever other flags were given
         given = _config_flags(None, None, None, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-                              act_clip, kv_grid, cluster_multiple)
+                              act_clip, kv_grid, cluster_multiple, head_bits)
         configs = {c.label: c for c in (build_config(p, **given) for p in PAPER_PRESETS)}
     else:
         configs = {config.label: config}

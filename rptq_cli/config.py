@@ -19,6 +19,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CLUSTERS = {r.name: r.default_clusters for r in REORDER_POINTS}
 WBITS = (2, 3, 4, 8, 16)
 ABITS = (3, 4, 8, 16)
+HEAD_BITS = (8, 16)  # the lm_head: packed 8-bit codes or float16
 FP = 16  # "bits" of a tensor that stays in floating point
 MODES = {
     "paper": "the official RPTQ: static per-cluster ranges; norm outputs and softmax at max(8, abits)",
@@ -49,6 +50,7 @@ class QuantConfig:
     cluster_multiple: int = 1           # cluster sizes rounded to multiples of this (16: the AVX2 GEMV's fast path)
     act_clip: str = "mse"               # minmax | mse: static activation ranges from calibration
     kv_grid: str = "static"             # see KV_GRIDS: how the KV cache's grids are chosen
+    head_bits: int = 16                 # 8: the lm_head packed at 8 bits (nn/head.py), else float16
     percdamp: float = 0.01
     blocksize: int = 128
 
@@ -66,6 +68,8 @@ class QuantConfig:
             raise RptqError(f"--weight-quantizer {self.weight_quantizer!r} is unknown; choose gptq or rtn")
         if self.kv_grid not in KV_GRIDS:
             raise RptqError(f"--kv-grid {self.kv_grid!r} is unknown; choose one of {', '.join(KV_GRIDS)}")
+        if self.head_bits not in HEAD_BITS:
+            raise RptqError(f"--head-bits {self.head_bits} is not supported; choose 8 or 16 (float16, the default)")
         if self.act_clip not in ("minmax", "mse"):
             raise RptqError(f"--act-clip {self.act_clip!r} is unknown; choose minmax or mse")
         groups = self.weight_groups

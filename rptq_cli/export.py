@@ -21,6 +21,7 @@ Tensor names are the module paths of the quantized model (``…q_proj.qweight``,
 | `<norm>.{weight,bias,perm}` | float16, float16, int32 | [C] | reordered norm |
 | `<attn>.rptq.{q,k,v}.{scale,zero,group_sizes}` | as above | [G] | Q and KV-cache quantizers |
 | `<attn>.rptq.qk_perm` | int32 | [kv_heads, head_dim] | post-RoPE R2 gather (RoPE families) |
+| `lm_head.{qweight,scales,zeros,group_sizes}` | as a linear's | groups of 64 columns | `--head-bits 8` only (nn/head.py): 8-bit codes, no activation quantizer; a tied head gets its own, the embeddings stay float16 |
 | everything else (embeddings, final norm, lm_head, biases) | float16 | as in the FP model | |
 
 Writing goes to a temporary sibling directory that is renamed into place at the end (outputs.py); reading
@@ -40,7 +41,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import __version__, outputs
-from .config import QuantConfig
+from .config import FP, QuantConfig
 from .errors import RptqError, first_line
 from .hf_hook import NEEDS_IMPORT
 from .integrity import (HASHES_KEY, PROVENANCE_NAME, check_codes, check_group_sizes, check_permutation,
@@ -49,7 +50,7 @@ from .loading import INDEX_NAME, WEIGHTS_NAME, WeightFiles
 from .model_card import write_card
 from .models import Family, family_for
 from .nn.attention import AttentionQuant, use_lean_rope_attention, use_rptq_attention
-from .nn.head import half_state_names, keep_head_in_half
+from .nn.head import half_state_names, head_path, keep_head_in_half
 from .nn.linear import QuantLinear
 from .nn.norm import ReorderNorm
 from .nn.quantizers import ActQuant
@@ -100,7 +101,7 @@ def _module_tensors(p: str, module: nn.Module) -> dict[str, torch.Tensor] | None
     """The tensors of one rptq module under the prefix ``p`` ("…q_proj."); None for other modules."""
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(module, QuantLinear):
-        if module.bits < 16:
+        if module.bits < FP:
             tensors.update({p + "qweight": module.qweight, p + "scales": module.scales.half(),
                             p + "zeros": pack_zeros(module.zeros, module.bits),
                             p + "group_sizes": module.group_sizes.to(torch.int32)})
@@ -470,7 +471,7 @@ class _Tensors:
 
     def act(self, prefix: str, channels: int, config: QuantConfig, point: str) -> ActQuant | None:
         bits = config.act_bits(point)
-        if bits >= 16:
+        if bits >= FP:
             return None
         sizes = self.take(f"{prefix}.group_sizes", torch.int32)
         check_group_sizes(f"{prefix}.group_sizes", sizes, channels)
@@ -489,10 +490,18 @@ class _Tensors:
 
 def _load_linear(t: _Tensors, path: str, linear: nn.Module, config: QuantConfig, point: str, dtype) -> QuantLinear:
     n, k, wbits = linear.out_features, linear.in_features, config.wbits
-    bias = t.take(f"{path}.bias", torch.float16, (n,)).to(dtype) if t.has(f"{path}.bias") else None
     act = t.act(f"{path}.act", k, config, point)
-    if wbits >= 16:
-        return QuantLinear(k, n, bits=16, bias=bias, act=act, weight=t.take(f"{path}.weight", torch.float16, (n, k)).to(dtype))
+    if wbits >= FP:
+        bias = t.take(f"{path}.bias", torch.float16, (n,)).to(dtype) if t.has(f"{path}.bias") else None
+        weight = t.take(f"{path}.weight", torch.float16, (n, k)).to(dtype)
+        return QuantLinear(k, n, bits=FP, bias=bias, act=act, weight=weight)
+    return _load_packed(t, path, linear, wbits, act, dtype)
+
+
+def _load_packed(t: _Tensors, path: str, linear: nn.Module, wbits: int, act: ActQuant | None, dtype) -> QuantLinear:
+    """The packed ``wbits``-bit QuantLinear stored under ``path`` in place of ``linear``."""
+    n, k = linear.out_features, linear.in_features
+    bias = t.take(f"{path}.bias", torch.float16, (n,)).to(dtype) if t.has(f"{path}.bias") else None
     sizes = t.take(f"{path}.group_sizes", torch.int32)
     check_group_sizes(f"{path}.group_sizes", sizes, k)
     g = sizes.numel()
@@ -571,6 +580,9 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
             p_bits=config.act_bits("p"), window=family.sliding_window(hf_config, i))
     if family.rope:
         use_lean_rope_attention([layer.get_submodule(family.attn) for layer in family.decoder_layers(model)])
+    if config.head_bits < FP:  # before the rest: its float weight is then not expected, nor tied
+        head = head_path(model)
+        replace(model, head, _load_packed(tensors, head, model.get_submodule(head), config.head_bits, None, dtype))
     _load_remaining(model, family, tensors, dtype, directory)
     use_rptq_attention(model)
     model.eval()
@@ -600,7 +612,7 @@ def _check_layer_groups(layer: nn.Module, prefix: str, family: Family, config: Q
     first_of_point: dict[str, tuple[str, torch.Tensor]] = {}
     for path, point in family.linear_inputs():
         linear, name = layer.get_submodule(path), f"{prefix}{path}.group_sizes"
-        if linear.bits >= 16:
+        if linear.bits >= FP:
             continue
         sizes = linear.group_sizes
         if config.weight_groups != "cluster":
@@ -632,7 +644,7 @@ def _load_remaining(model: nn.Module, family: Family, tensors: _Tensors, dtype, 
         if state[key].is_floating_point() and key not in half:
             state[key] = state[key].to(dtype)
     model.load_state_dict(state, strict=False, assign=True)
-    if tied:
+    if tied and not isinstance(model.get_output_embeddings(), QuantLinear):  # an 8-bit head has its own codes
         model.tie_weights()
     keep_head_in_half(model, dtype)
     if tensors.remaining:

@@ -50,6 +50,7 @@ RUNTIME_BYTES = 400 * 2**20  #: python + torch + transformers + rptq after impor
 GROWTH_TOKENS = 256  #: nn/kv_cache.py PackedKVLayer.GROWTH_TOKENS (kept equal by a test)
 KV_GRID_BYTES = 3  #: a per-token grid: float16 scale + uint8 zero (nn/kv_cache.py, kernels.kv_append_token)
 CLIP_SAMPLE_ROWS = 2048  #: quantize.py: token rows kept per activation point for the MSE clip search
+HEAD_TEMPORARIES = 24  #: bytes a weight of rtn_quantize's float32 temporaries (weight, expanded grid, rounding)
 GiB = 2**30
 
 
@@ -82,6 +83,7 @@ class Shapes:
     outside: dict = field(default_factory=dict)   # name -> numel of each fp16 tensor outside the layers
     embedding_numel: int = 0                      # of the modules that run before layer 0
     half_numel: int = 0                           # token embeddings and lm_head: float16 when packed (nn/head.py)
+    head_in: int = 0                              # the lm_head's input features (OPT-350m: word_embed_proj_dim)
 
     @property
     def layer_params(self) -> int:
@@ -167,7 +169,8 @@ def model_shapes(raw: dict) -> Shapes:
     return Shapes(model_type=model_type, layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
                   intermediate=ffn, n_heads=heads.n_heads, n_kv=heads.n_kv, head_dim=heads.head_dim,
                   vocab=hf_config.vocab_size, rope=family.rope, linears=linears, norms=norms, outside=outside,
-                  embedding_numel=embedding, half_numel=half)
+                  embedding_numel=embedding, half_numel=half,
+                  head_in=model.get_output_embeddings().in_features)
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -259,8 +262,29 @@ def checkpoint_bytes(shapes: Shapes, config: QuantConfig, groups: Groups | list[
     for g in per_layer:
         for kind, n in layer_bytes(shapes, config, g).items():
             total[kind] += n
-    total["embeddings, lm_head"] = 2 * sum(shapes.outside.values())
+    total["embeddings, lm_head"] = 2 * sum(shapes.outside.values()) + packed_head_delta(shapes, config)
     return total
+
+
+def packed_head_bytes(shapes: Shapes, config: QuantConfig, loaded: bool = False) -> int:
+    """An lm_head packed at ``--head-bits`` (nn/head.py quantize_head): its codes, fp16 scales, zeros (packed on
+    disk, uint8 [N, G] when ``loaded``) and int32 group sizes, over groups of HEAD_GROUP columns; 0 for a float16
+    head."""
+    from .nn.head import HEAD_GROUP
+    if config.head_bits >= FP:
+        return 0
+    n, k, bits = shapes.vocab, shapes.head_in, config.head_bits
+    g = -(-k // HEAD_GROUP)
+    zeros = n * g if loaded else packed_row_bytes(n * g, bits)
+    return n * packed_row_bytes(k, bits) + n * g * 2 + zeros + g * 4
+
+
+def packed_head_delta(shapes: Shapes, config: QuantConfig, loaded: bool = False) -> int:
+    """What ``--head-bits`` changes in the bytes outside the layers: the packed head in, an untied float16 head out
+    (a tied one stays: it is the embedding table)."""
+    if config.head_bits >= FP:
+        return 0
+    return packed_head_bytes(shapes, config, loaded) - 2 * shapes.outside.get("lm_head.weight", 0)
 
 
 def fp16_bytes(shapes: Shapes) -> int:
@@ -371,7 +395,9 @@ def quantize_phases(shapes: Shapes, config: QuantConfig, nsamples: int, seqlen: 
       transients (:func:`forward_bytes`);
     - GPTQ: the largest :func:`gptq_step` over the layer's linears (for Llama-7B, q_proj and down_proj are within 1%);
     - write: the largest tensor outside the layers read (fp16), in the compute dtype and back in fp16 for
-      the shard.
+      the shard;
+    - lm_head (``--head-bits 8``): the head read in the compute dtype, its packed twin, and the float
+      temporaries of rtn_quantize over one block of HEAD_ROWS rows (about HEAD_TEMPORARIES bytes a weight).
 
     The shards are not in memory: export.ShardWriter spills each tensor to disk as it arrives.
     """
@@ -386,6 +412,12 @@ def quantize_phases(shapes: Shapes, config: QuantConfig, nsamples: int, seqlen: 
                       "forward": forward_bytes(shapes, batch, seqlen, dtype_bytes)},
         "write": {"embeddings, lm_head": (dtype_bytes + 4) * largest_outside, "calibration activations": act},
     }
+    if config.head_bits < FP:  # nn/head.py quantize_head: the float head, its packed twin, one block's temporaries
+        from .nn.head import HEAD_ROWS
+        phases["lm_head"] = {"lm_head": dtype_bytes * shapes.vocab * shapes.head_in,
+                             "packed lm_head": packed_head_bytes(shapes, config),
+                             "quantize temporaries": HEAD_TEMPORARIES * HEAD_ROWS * shapes.head_in,
+                             "calibration activations": act}
     if _gptq(config):
         steps = [gptq_step(shapes, config, j, dtype_bytes) for j in range(len(shapes.linears))]
         phases["GPTQ"] = {"calibration activations": act, **max(steps, key=lambda s: sum(s.values()))}
@@ -427,7 +459,8 @@ def resident_bytes(shapes: Shapes, config: QuantConfig, groups: Groups | None = 
     total += 8 * shapes.n_kv * shapes.head_dim * shapes.rope * packed
     outside = sum(shapes.outside.values())
     if packed:
-        return shapes.layers * total + dtype_bytes * (outside - shapes.half_numel) + 2 * shapes.half_numel
+        return (shapes.layers * total + dtype_bytes * (outside - shapes.half_numel) + 2 * shapes.half_numel
+                + packed_head_delta(shapes, config, loaded=True))
     return shapes.layers * total + dtype_bytes * outside
 
 

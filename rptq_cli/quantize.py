@@ -20,6 +20,7 @@ from .calibrate import ChannelObserver, LayerRunner, observe_layer
 from .config import FP, QuantConfig
 from .models.base import Family, head_layout, replace
 from .nn.attention import AttentionQuant
+from .nn.head import quantize_head
 from .nn.linear import QuantLinear
 from .nn.quantizers import ActQuant
 from .quant.clip import search_clip, search_token_clip
@@ -186,4 +187,6 @@ def quantize_model(model, family: Family, tokens: torch.Tensor, config: QuantCon
             runner.release(i)
             if resume is not None:
                 resume.layer_done(i + 1, n, hidden, dict(report.seconds))
+    if config.head_bits < FP:
+        quantize_head(runner.model, config.head_bits, read=getattr(model, "read", None))
     return report

@@ -81,13 +81,14 @@ def tiny_llama():
 
 
 def check_decode_rows(rows, shape):
-    assert [r["op"] for r in rows] == ["w4a16_e2e_decode", "w4a4kv_e2e_decode"]
+    assert [r["op"] for r in rows] == ["w4a16_e2e_decode", "w4a4kv_e2e_decode", "w4a16_head8_e2e_decode",
+                                       "w4a4kv_head8_e2e_decode"]
     for row_ in rows:
         assert row_["shape"] == shape
         assert row_["baseline"] == "hf_generate_bf16" and row_["backend"] != "torch_bf16"
         assert row_["ms"] > 0 and row_["baseline_ms"] > 0 and row_["tokens_per_s"] > 0
         assert row_["peak_rss_mb"] > 50 and row_["baseline_peak_rss_mb"] > 50  # each side's own process: torch alone
-    assert rows[0]["baseline_ms"] == rows[1]["baseline_ms"]  # one HF measurement serves both rows
+    assert len({r["baseline_ms"] for r in rows}) == 1  # one HF measurement serves every row
 
 
 @pytest.mark.slow

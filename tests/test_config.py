@@ -64,6 +64,7 @@ def test_round_trip_through_dict():
     (dict(weight_groups="g128"), "--weight-groups"), (dict(weight_quantizer="awq"), "--weight-quantizer"),
     (dict(clusters={"R7": 2}), "R7"), (dict(clusters={"R1": 0}), "R1=0"), (dict(act_clip="p99"), "--act-clip"),
     (dict(cluster_multiple=0), "--cluster-multiple 0"), (dict(cluster_multiple=128), "--cluster-multiple 128"),
+    (dict(head_bits=4), "--head-bits 4"),
 ])
 def test_invalid_settings(kwargs, match):
     with pytest.raises(RptqError, match=match):

@@ -42,10 +42,14 @@ CONFIGS = [
     # w4a4-fine's shape: many small groups (single RoPE pairs, 2-channel down_proj groups)
     ("llama", QuantConfig(wbits=4, abits=4, clusters=dict(SMALL, R2=8, R3=8, R5=48)),
      dict(hidden=64, heads=4, kv_heads=2, ffn=96)),
+    # an 8-bit lm_head (--head-bits 8): tied (OPT) and untied (Llama)
+    ("opt", QuantConfig(wbits=4, abits=4, kv_only=True, clusters=SMALL, head_bits=8), dict(hidden=64, heads=2)),
+    ("llama", QuantConfig(wbits=4, abits=16, clusters=SMALL, head_bits=8), dict(hidden=64, heads=4, kv_heads=2, ffn=96)),
 ]
 
 
-@pytest.mark.parametrize("family,config,cfg", CONFIGS, ids=[f"{f}-{c.label}" for f, c, _ in CONFIGS])
+@pytest.mark.parametrize("family,config,cfg", CONFIGS,
+                         ids=[f"{f}-{c.label}" + ("-head8" if c.head_bits < 16 else "") for f, c, _ in CONFIGS])
 def test_round_trip_matches_simulation(tmp_path, family, config, cfg):
     model, tok = simulated(family, config, **cfg)
     save(model, tok, config, tmp_path / "q")
@@ -257,3 +261,25 @@ def test_embeddings_and_lm_head_stay_float16(checkpoint):
     got = head(x)
     assert got.dtype == torch.float32
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-3
+
+
+@pytest.mark.parametrize("family,cfg", [("opt", dict(hidden=64, heads=2)),
+                                        ("llama", dict(hidden=64, heads=4, kv_heads=2, ffn=96))])
+def test_head_bits_8_packs_the_head_and_keeps_the_embeddings(tmp_path, family, cfg):
+    """--head-bits 8: the lm_head is packed 8-bit codes within half a grid step of the float16 head; the embedding
+    table stays the float16 one, also where the two were tied (OPT)."""
+    from rptq_cli.nn.head import HEAD_GROUP, HalfEmbedding
+    config = QuantConfig(wbits=4, abits=16, clusters=SMALL)
+    fp16_head = load_quantized(save(*simulated(family, config, **cfg), config, tmp_path / "h16"))[0]
+    config8 = QuantConfig(wbits=4, abits=16, clusters=SMALL, head_bits=8)
+    model, _ = load_quantized(save(*simulated(family, config8, **cfg), config8, tmp_path / "h8"))
+    head, float_head = model.get_output_embeddings(), fp16_head.get_output_embeddings()
+    assert isinstance(head, QuantLinear) and head.bits == 8 and head.act is None
+    assert set(head.group_sizes.tolist()) <= {HEAD_GROUP, head.in_features % HEAD_GROUP}
+    step = head.scales.float().repeat_interleave(head.group_sizes.long(), 1)
+    assert ((head.dequantized_weight() - float_head.weight.float()).abs() <= step / 2 + 1e-6).all()
+    embed = model.get_input_embeddings()
+    assert isinstance(embed, HalfEmbedding) and torch.equal(embed.weight, fp16_head.get_input_embeddings().weight)
+    x = torch.randn(3, head.in_features)
+    exact = x.double() @ float_head.weight.double().T
+    assert ((head(x).double() - exact).abs().max() / exact.abs().max()).item() < 2e-2

@@ -36,6 +36,8 @@ CASES = [
     ("qwen2", QuantConfig(wbits=4, abits=4, mode="strict", clusters=SMALL), dict(hidden=64, heads=2, kv_heads=1,
                                                                                   ffn=96)),  # q/k/v biases
     ("llama", QuantConfig(wbits=4, abits=4, kv_only=True, kv_grid="token", clusters=SMALL), LLAMA),  # per-token KV
+    ("opt", QuantConfig(wbits=4, abits=4, kv_only=True, clusters=SMALL, head_bits=8), OPT),  # 8-bit head, tied
+    ("llama", QuantConfig(wbits=4, abits=4, kv_only=True, clusters=SMALL, head_bits=8), LLAMA),  # untied
 ]
 
 
@@ -95,7 +97,8 @@ def resident(shapes, config, per_layer: list[Groups]) -> int:
     return sum(resident_bytes(shapes, config, g) - outside for g in per_layer) // shapes.layers + outside
 
 
-@pytest.mark.parametrize("family,config,cfg", CASES, ids=[f"{f}-{c.label}-{c.weight_groups}" for f, c, _ in CASES])
+@pytest.mark.parametrize("family,config,cfg", CASES,
+                         ids=[f"{f}-{c.label}-{c.weight_groups}-head{c.head_bits}" for f, c, _ in CASES])
 def test_checkpoint_bytes_are_exact(tmp_path, family, config, cfg):
     raw, out = quantized(family, config, cfg, tmp_path)
     tensors = stored_tensors(out)
@@ -112,8 +115,9 @@ def test_checkpoint_bytes_are_exact(tmp_path, family, config, cfg):
         assert nominal == measured  # fixed groups and no cluster-sized tensors: no KMeans in the count
 
 
-@pytest.mark.parametrize("family,config,cfg", [CASES[4], CASES[5], CASES[7], CASES[8]],
-                         ids=["llama-W4A4KV", "opt-W8A8", "qwen2-W4A4", "llama-W4A4KV-kvtoken"])
+@pytest.mark.parametrize("family,config,cfg", [CASES[4], CASES[5], CASES[7], CASES[8], CASES[9], CASES[10]],
+                         ids=["llama-W4A4KV", "opt-W8A8", "qwen2-W4A4", "llama-W4A4KV-kvtoken", "opt-W4A4KV-head8",
+                              "llama-W4A4KV-head8"])
 def test_kv_cache_and_resident_bytes(tmp_path, family, config, cfg):
     raw, out = quantized(family, config, cfg, tmp_path)
     shapes = model_shapes(raw)

@@ -265,9 +265,10 @@ def _calibration_tokens(directory: Path) -> torch.Tensor:
     return torch.stack([ids[i * 48:(i + 1) * 48] for i in range(4)])
 
 
-STREAM_CONFIGS = {"opt": QuantConfig(wbits=4, abits=4, clusters=dict(R1=8, R2=2, R3=2, R4=8, R5=8)),
-                  "llama": QuantConfig(wbits=4, abits=8, mode="token", clusters=dict(R1=8, R2=2, R3=2, R4=8, R5=8)),
-                  "qwen2": QuantConfig(wbits=3, abits=16, weight_quantizer="rtn", clusters=dict(R1=4, R4=4, R5=4))}
+STREAM_CONFIGS = {  # an 8-bit head, read from the files: tied (OPT) and untied (Llama)
+    "opt": QuantConfig(wbits=4, abits=4, clusters=dict(R1=8, R2=2, R3=2, R4=8, R5=8), head_bits=8),
+    "llama": QuantConfig(wbits=4, abits=8, mode="token", clusters=dict(R1=8, R2=2, R3=2, R4=8, R5=8), head_bits=8),
+    "qwen2": QuantConfig(wbits=3, abits=16, weight_quantizer="rtn", clusters=dict(R1=4, R4=4, R5=4))}
 
 
 def test_streamed_quantization_writes_the_in_memory_bytes(sharded, tmp_path, monkeypatch):

@@ -5,8 +5,8 @@
   rotation through copies of the inputs; CPU by ``perf_counter``, GPU by CUDA graphs and events);
 - :mod:`.cpu`, :mod:`.cuda`: the op rows, one per (op, baseline) measured; ``python -m rptq_cli.bench.cuda``
   runs the GPU rows alone (scripts/gpu_check.sh);
-- :mod:`.e2e`: the end-to-end decode rows (W4A16, W4A4KV; a synthetic Llama, and a real model with
-  ``--e2e-model``), each side loaded and timed the same way in its own process;
+- :mod:`.e2e`: the end-to-end decode rows (W4A16, W4A4KV, each also with an 8-bit head; a synthetic Llama, and a
+  real model with ``--e2e-model``), each side loaded and timed the same way in its own process;
 - :mod:`.table`: the row format and the printout.
 
 :func:`run_bench` prints and returns every row it measures (``python -m rptq_cli.bench [--quick]``).

@@ -2,11 +2,11 @@
 model with Hugging Face ``generate`` in bf16 (CPU) or fp16 (GPU).
 
 The default model is a Llama-shaped network built from a config with random weights (no download), saved once
-as an fp16 directory and once per preset as an rptq checkpoint (W4A16: 4-bit weights; W4A4KV: 4-bit weights,
-4-bit packed KV cache). ``rptq bench --e2e-model DIR`` measures a real model directory the same way, quantized
-here with RTN on a few random calibration windows (speed and memory do not depend on the calibration). Each
-side is loaded and decoded in its own fresh process, so that its peak memory is its own: resident memory on the
-CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
+as an fp16 directory and once per variant as an rptq checkpoint (W4A16: 4-bit weights; W4A4KV: 4-bit
+weights, 4-bit packed KV cache; each also with ``--head-bits 8``). ``rptq bench --e2e-model DIR`` measures a
+real model directory the same way, quantized here with RTN on a few random calibration windows (speed and
+memory do not depend on the calibration). Each side is loaded and decoded in its own fresh process, so that
+its peak memory is its own: resident memory on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 """
 from __future__ import annotations
 
@@ -35,11 +35,14 @@ def model_config(quick: bool):
                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
-PRESETS = ("w4a16", "w4a4kv")
+#: the checkpoints decoded: name → (preset, --head-bits). The 8-bit head matters where the vocabulary table is
+#: a large part of the bytes a token streams (the bench model: a quarter at 4 bits; SmolLM2: more)
+VARIANTS = {"w4a16": ("w4a16", 16), "w4a4kv": ("w4a4kv", 16), "w4a16_head8": ("w4a16", 8),
+            "w4a4kv_head8": ("w4a4kv", 8)}
 
 
 def prepare(directory: Path, model_cfg, reorder: bool = True) -> None:
-    """Write ``directory/fp16`` (a random model of ``model_cfg``) and ``directory/<preset>`` (its checkpoints)."""
+    """Write ``directory/fp16`` (a random model of ``model_cfg``) and ``directory/<variant>`` (its checkpoints)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
     torch.manual_seed(0)
@@ -49,18 +52,20 @@ def prepare(directory: Path, model_cfg, reorder: bool = True) -> None:
                                         eos_token="t0", pad_token="t0")
     model.to(torch.float16).save_pretrained(directory / "fp16")
     tokenizer.save_pretrained(directory / "fp16")
-    for preset in PRESETS:
+    for name, (preset, head_bits) in VARIANTS.items():
         quantize(AutoModelForCausalLM.from_pretrained(directory / "fp16", dtype=torch.float32).eval(), tokenizer,
-                 preset, directory / preset, reorder, clusters={"R1": 8, "R4": 8, "R5": 8})
+                 preset, directory / name, reorder, clusters={"R1": 8, "R4": 8, "R5": 8}, head_bits=head_bits)
 
 
-def quantize(model, tokenizer, preset: str, output: Path, reorder: bool = True, clusters: dict | None = None) -> None:
+def quantize(model, tokenizer, preset: str, output: Path, reorder: bool = True, clusters: dict | None = None,
+             head_bits: int | None = None) -> None:
     """Quantize ``model`` (in place) with ``preset``, RTN, on two random windows, and save it to ``output``."""
     from ..config import build_config
     from ..export import save_quantized
     from ..models import family_for
     from ..quantize import quantize_model
-    config = build_config(preset, weight_quantizer="rtn", act_clip="minmax", clusters=clusters, reorder=reorder)
+    config = build_config(preset, weight_quantizer="rtn", act_clip="minmax", clusters=clusters, reorder=reorder,
+                          head_bits=head_bits)
     calib = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     quantize_model(model, family_for(model.config), calib, config, progress=False)
     save_quantized(model, tokenizer, config, output, provenance={"source_model": "bench"})
@@ -129,21 +134,23 @@ def decode_rows(quick: bool = False, threads: int | None = None, device: str = "
         directory = Path(tmp)
         prepare(directory, cfg, reorder)
         shape = f"llama {cfg.num_hidden_layers}L h{cfg.hidden_size}" + ("" if reorder else " no-reorder")
-        return _measure(directory / "fp16", {p: directory / p for p in PRESETS}, shape, quick, threads, device)
+        return _measure(directory / "fp16", {name: directory / name for name in VARIANTS}, shape, quick, threads,
+                        device)
 
 
 def model_decode_rows(model_dir: str | Path, quick: bool = False, threads: int | None = None,
                       device: str = "cpu") -> list[dict]:
     """The same rows for a real model directory (any family rptq supports), quantized here into a temporary
-    directory with each preset."""
+    directory with each variant."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model_dir = Path(model_dir)
     with tempfile.TemporaryDirectory(prefix="rptq-bench-") as tmp:
         checkpoints = {}
-        for preset in PRESETS:
+        for name, (preset, head_bits) in VARIANTS.items():
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-            checkpoints[preset] = Path(tmp) / preset
-            quantize(model, AutoTokenizer.from_pretrained(model_dir), preset, checkpoints[preset], _faiss_available())
+            checkpoints[name] = Path(tmp) / name
+            quantize(model, AutoTokenizer.from_pretrained(model_dir), preset, checkpoints[name], _faiss_available(),
+                     head_bits=head_bits)
         config = model.config
         del model  # each side is measured in its own process
         shape = f"{config.model_type} {config.num_hidden_layers}L h{config.hidden_size}"
@@ -159,9 +166,9 @@ def _measure(fp_dir: Path, checkpoints: dict[str, Path], shape: str, quick: bool
     gpu = torch.device(device).type == "cuda"
     memory = "peak_gpu_mb" if gpu else "peak_rss_mb"
     rows = []
-    for preset, checkpoint in checkpoints.items():
+    for name, checkpoint in checkpoints.items():
         ours = _in_subprocess(checkpoint, "rptq", new_tokens, threads, device)
-        row = table_row(f"{preset}_e2e_decode", f"{shape} decode {new_tokens} tok", ours["backend"],
+        row = table_row(f"{name}_e2e_decode", f"{shape} decode {new_tokens} tok", ours["backend"],
                         ours["ms_per_token"], f"hf_generate_{base['backend'].removeprefix('torch_')}",
                         base["ms_per_token"], tokens_per_s=ours["tokens_per_s"],
                         baseline_tokens_per_s=base["tokens_per_s"],
