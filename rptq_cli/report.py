@@ -48,10 +48,11 @@ def checkpoint_summary(directory: Path, source: str, model: nn.Module) -> str:
 
 
 def kv_bytes_line(cache) -> str:
-    """Measured bytes per token of the packed cache against an fp16 cache of the same shape."""
+    """Measured bytes per token of the cache (packed codes, or float values) against an fp16 cache of the same
+    shape."""
     layer = cache.layers[0]
     heads, head_dim = layer.keys.shape[1], layer.head_dim
     fp16 = 2 * len(cache.layers) * heads * head_dim * 2
     per_token = cache.nbytes() / (layer.length * layer.keys.shape[0])
-    return (f"KV cache: {per_token:.1f} bytes/token ({layer.bits}-bit codes) vs {fp16} fp16 "
+    return (f"KV cache: {per_token:.1f} bytes/token ({layer.stored}) vs {fp16} fp16 "
             f"({per_token / fp16:.4f}× = {16 * per_token / fp16:.2f}/16)")

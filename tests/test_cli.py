@@ -134,6 +134,17 @@ def test_quantize_eval_generate(checkpoint_dir, tiny_opt_dir, corpus_file, tmp_p
     assert fp.exit_code == 0 and "The river" in fp.output, fp.output
 
 
+def test_generate_reports_a_float_kv_cache(tiny_opt_dir, corpus_file, tmp_path):
+    """W4A16 keeps K/V in float: the preallocated float layers, 2 × 4 bytes a channel in float32."""
+    out = tmp_path / "w4a16"
+    assert run("quantize", tiny_opt_dir, "--config", "w4a16", "--weight-quantizer", "rtn", "--calib-path",
+               corpus_file, *CALIB, "--clusters", "R1=8,R4=8,R5=8", "-o", out).exit_code == 0
+    result = run("generate", out, "The river", "--max-new-tokens", 8, "--verbose")
+    assert result.exit_code == 0, result.output
+    kv_line = next(line for line in result.output.splitlines() if line.startswith("KV cache:"))
+    assert "(float32 values)" in kv_line and "(2.0000×" in kv_line, kv_line
+
+
 def test_quantize_refuses_to_overwrite(checkpoint_dir, tiny_opt_dir, corpus_file):
     before = (checkpoint_dir / "model.safetensors").read_bytes()
     assert_user_error(run("quantize", tiny_opt_dir, "--wbits", 4, "--calib-path", corpus_file, *CALIB, "-o",

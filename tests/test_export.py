@@ -13,7 +13,7 @@ from rptq_cli.errors import RptqError
 from rptq_cli.evaluate import perplexity
 from rptq_cli.export import load_quantized, save_quantized
 from rptq_cli.models import family_for
-from rptq_cli.nn.kv_cache import PackedKVCache
+from rptq_cli.nn.kv_cache import FloatKVLayer, PackedKVCache, PackedKVLayer
 from rptq_cli.nn.linear import QuantLinear
 from rptq_cli.quant.pack import ideal_bytes
 from rptq_cli.quant.weights import rtn_quantize
@@ -62,8 +62,9 @@ def test_round_trip_matches_simulation(tmp_path, family, config, cfg):
 
     prompt = text[:, :8]
     expected = model.generate(prompt, max_new_tokens=32, do_sample=False)
-    cache = PackedKVCache.from_model(loaded)
-    assert (cache is not None) == (config.act_bits("k") < 16)
+    cache = PackedKVCache.from_model(loaded)  # (preallocated float layers where K/V are not quantized)
+    kind = PackedKVLayer if config.act_bits("k") < 16 else FloatKVLayer
+    assert all(type(layer) is kind for layer in cache.layers)
     got = loaded.generate(prompt, max_new_tokens=32, do_sample=False, past_key_values=cache)
     assert torch.equal(got, expected)
 

@@ -13,6 +13,7 @@ import rptq_cli
 from rptq_cli.errors import RptqError
 from rptq_cli.models import family_for
 from rptq_cli.nn.linear import QuantLinear
+from rptq_cli.nn.kv_cache import FloatKVLayer, PackedKVLayer
 from rptq_cli.nn.norm import ReorderNorm
 from quantized import FAMILIES, quantized_checkpoint
 
@@ -44,11 +45,14 @@ def test_from_pretrained_equals_load_quantized(checkpoint):
 
     prompt, new = ids[:, :8], 16
     cache = rptq_cli.PackedKVCache.from_model(model, max_length=prompt.shape[1] + new)
-    assert (cache is not None) == (model.rptq_config.act_bits("k") < 16)
+    packed = model.rptq_config.act_bits("k") < 16  # else K/V stay float, in preallocated buffers
+    assert all(type(layer) is (PackedKVLayer if packed else FloatKVLayer) for layer in cache.layers)
     got = model.generate(prompt, max_new_tokens=new, do_sample=False, past_key_values=cache)
     expected = ref.generate(prompt, max_new_tokens=new, do_sample=False,
                             past_key_values=rptq_cli.PackedKVCache.from_model(ref, prompt.shape[1] + new))
     assert torch.equal(got, expected)
+    if not packed:  # the same tokens as on transformers' own DynamicCache
+        assert torch.equal(got, ref.generate(prompt, max_new_tokens=new, do_sample=False))
 
 
 @torch.no_grad()

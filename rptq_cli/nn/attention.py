@@ -71,6 +71,11 @@ class AttentionQuant(nn.Module):
         return query.gather(-1, index.expand_as(query))
 
     @property
+    def packs_kv(self) -> bool:
+        """Whether the packed KV cache stores this layer's K and V as codes (both quantized, at one width)."""
+        return self.k is not None and self.v is not None and self.k.bits == self.v.bits
+
+    @property
     def needs_r2_order(self) -> bool:
         """Whether q and k must be in R2 order: only their quantizers and observers see it. Otherwise the gather
         is skipped: q·kᵀ sums over the channels, so permuting both would change the scores by summation order
