@@ -93,14 +93,35 @@ def check_decode_rows(rows, shape):
 
 @pytest.mark.slow
 def test_decode_rows_measure_ours_against_hf_generate():
-    check_decode_rows(decode_rows(quick=True, threads=1, model_cfg=tiny_llama()), "llama 2L h64 decode 24 tok")
+    check_decode_rows(decode_rows(quick=True, threads=1, model_cfg=tiny_llama(), rounds=1),
+                      "llama 2L h64 decode 24 tok")
 
 
 @pytest.mark.slow
 def test_decode_rows_of_a_model_directory(tmp_path):
     """``rptq bench --e2e-model DIR``: the model is quantized here with each preset and decoded as the rows above."""
     e2e.prepare(tmp_path, tiny_llama())
-    check_decode_rows(e2e.model_decode_rows(tmp_path / "fp16", quick=True, threads=1), "llama 2L h64 decode 24 tok")
+    check_decode_rows(e2e.model_decode_rows(tmp_path / "fp16", quick=True, threads=1, rounds=1),
+                      "llama 2L h64 decode 24 tok")
+
+
+def test_decode_rows_take_each_sides_fastest_pass(monkeypatch, tmp_path):
+    """The sides are measured in turn, ``rounds`` times; a side reports its fastest pass and its highest peak."""
+    order, speeds = [], {"fp": [60.0, 50.0], "a": [30.0, 40.0], "b": [25.0, 20.0]}
+
+    def side(path, which, new_tokens, threads, device):
+        name = "fp" if which == "fp" else path.name
+        order.append(name)
+        ms = speeds[name][sum(n == name for n in order) - 1]
+        backend = "torch_bf16" if which == "fp" else "cpu-avx2"
+        return {"ms_per_token": ms, "tokens_per_s": 1000 / ms, "peak_mb": 100 + ms, "backend": backend}
+
+    monkeypatch.setattr(e2e, "_in_subprocess", side)
+    rows = e2e._measure(tmp_path / "fp", {"a": tmp_path / "a", "b": tmp_path / "b"}, "s", True, 1, "cpu", rounds=2)
+    assert order == ["fp", "a", "b", "fp", "a", "b"]
+    assert [(r["op"], r["ms"], r["baseline_ms"]) for r in rows] == [("a_e2e_decode", 30.0, 50.0),
+                                                                    ("b_e2e_decode", 20.0, 50.0)]
+    assert [r["peak_rss_mb"] for r in rows] == [140.0, 125.0] and rows[0]["baseline_peak_rss_mb"] == 160.0
 
 
 def test_e2e_model_adds_its_rows(monkeypatch, tmp_path):

@@ -113,7 +113,7 @@ class FloatKVLayer(PreallocatedLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, self.head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.keys = key_states.new_empty((b, h, 0, key_states.shape[3]))
+        self.keys = key_states.new_empty((b, h, 0, self.head_dim))
         self.values = value_states.new_empty((b, h, 0, value_states.shape[3]))
         self.is_initialized = True
 
