@@ -121,7 +121,8 @@ class QuantConfig:
         kv = "KV" if self.kv_only else ""
         mode = f"-{self.mode}" if self.mode != "paper" and self.abits < FP and not self.kv_only else ""
         kv_grid = "-kvtoken" if self.kv_grid == "token" and self.act_bits("k") < FP else ""
-        return f"W{self.wbits}A{self.abits}{kv}{mode}{kv_grid}"
+        head = f"-head{self.head_bits}" if self.head_bits < FP else ""
+        return f"W{self.wbits}A{self.abits}{kv}{mode}{kv_grid}{head}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -38,6 +38,7 @@ def test_flags_override_presets():
     assert config.wbits == 3 and config.kv_only and config.clusters["R1"] == 16 and config.clusters["R2"] == 4
     assert config.label == "W3A4KV"
     assert build_config("w4a4", mode="strict").label == "W4A4-strict"
+    assert build_config("w4a16", head_bits=8).label == "W4A16-head8"
     fine = build_config("w4a4-fine", clusters={"R1": 16})  # --clusters changes only the points it names
     assert fine.clusters == {"R1": 16, "R2": 16, "R3": 16, "R4": 32, "R5": 128} and fine.mode == "token"
 

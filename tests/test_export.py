@@ -48,8 +48,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("family,config,cfg", CONFIGS,
-                         ids=[f"{f}-{c.label}" + ("-head8" if c.head_bits < 16 else "") for f, c, _ in CONFIGS])
+@pytest.mark.parametrize("family,config,cfg", CONFIGS, ids=[f"{f}-{c.label}" for f, c, _ in CONFIGS])
 def test_round_trip_matches_simulation(tmp_path, family, config, cfg):
     model, tok = simulated(family, config, **cfg)
     save(model, tok, config, tmp_path / "q")

@@ -97,8 +97,7 @@ def resident(shapes, config, per_layer: list[Groups]) -> int:
     return sum(resident_bytes(shapes, config, g) - outside for g in per_layer) // shapes.layers + outside
 
 
-@pytest.mark.parametrize("family,config,cfg", CASES,
-                         ids=[f"{f}-{c.label}-{c.weight_groups}-head{c.head_bits}" for f, c, _ in CASES])
+@pytest.mark.parametrize("family,config,cfg", CASES, ids=[f"{f}-{c.label}-{c.weight_groups}" for f, c, _ in CASES])
 def test_checkpoint_bytes_are_exact(tmp_path, family, config, cfg):
     raw, out = quantized(family, config, cfg, tmp_path)
     tensors = stored_tensors(out)
