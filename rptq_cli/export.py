@@ -21,7 +21,7 @@ Tensor names are the module paths of the quantized model (``…q_proj.qweight``,
 | `<norm>.{weight,bias,perm}` | float16, float16, int32 | [C] | reordered norm |
 | `<attn>.rptq.{q,k,v}.{scale,zero,group_sizes}` | as above | [G] | Q and KV-cache quantizers |
 | `<attn>.rptq.qk_perm` | int32 | [kv_heads, head_dim] | post-RoPE R2 gather (RoPE families) |
-| `lm_head.{qweight,scales,zeros,group_sizes}` | as a linear's | groups of 64 columns | `--head-bits 8` only (nn/head.py): 8-bit codes, no activation quantizer; a tied head gets its own, the embeddings stay float16 |
+| `lm_head.{qweight,scales,…}` | as a linear's | G = ⌈K / 64⌉ | `--head-bits 8` only: 8-bit codes (nn/head.py) |
 | everything else (embeddings, final norm, lm_head, biases) | float16 | as in the FP model | |
 
 Writing goes to a temporary sibling directory that is renamed into place at the end (outputs.py); reading

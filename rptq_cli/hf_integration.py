@@ -7,9 +7,10 @@
     model.generate(**inputs, max_new_tokens=new_tokens, past_key_values=cache)
 
 ``cache`` holds K/V as packed codes where the checkpoint quantizes them, else as float values in preallocated
-buffers (transformers' DynamicCache would copy the whole cache on every token). Without ``past_key_values`` generate also runs, on transformers' FP cache (the simulated-quantization path:
-same tokens, more memory). ``dtype`` follows transformers: "auto" (the default) is the checkpoint's float16;
-pass ``dtype=torch.float32`` on a CPU, as ``rptq eval`` does. ``device_map`` places the model on one device
+buffers (transformers' DynamicCache would copy the whole cache on every token). Without ``past_key_values``
+generate also runs, on transformers' FP cache (the simulated-quantization path: same tokens, more memory).
+``dtype`` follows transformers: "auto" (the default) is the checkpoint's float16; pass ``dtype=torch.float32``
+on a CPU, as ``rptq eval`` does. ``device_map`` places the model on one device
 ("cpu", "cuda", "cuda:1", {"": 0}, or "auto": the first GPU if any).
 
 How: transformers builds the model skeleton on the meta device and calls the quantizer around its weight
