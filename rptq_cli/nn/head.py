@@ -22,6 +22,7 @@ from .linear import QuantLinear
 HEAD_GROUP = 64  # input columns per group of an 8-bit lm_head: a whole chunk of the integer GEMV
 HEAD_ROWS = 2048  # rows of the head quantized at a time (quantize_head)
 
+
 class HalfEmbedding(nn.Embedding):
     """An embedding whose table is float16; the looked-up rows come out in ``out_dtype``."""
 
