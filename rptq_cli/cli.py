@@ -241,7 +241,7 @@ def config_options(fn):
         click.option("--kv-grid", type=click.Choice(list(KV_GRIDS)), default=None,
                      help="; ".join(f"{name}: {text}" for name, text in KV_GRIDS.items()) + " [static]."),
         click.option("--head-bits", type=int, default=None,
-                     help="lm_head: 8 packs it at 8 bits (half the bytes a decode step streams for it; the "
+                     help="lm_head: 8 packs it at 8 bits (half the bytes a CPU decode step streams for it; the "
                           "embeddings stay float16), 16 keeps it float16 [16]."),
     ]
     for opt in reversed(opts):
