@@ -19,6 +19,8 @@ What the export does to an rptq checkpoint:
   (no reorder) the groups stay plain contiguous groups. ``--weight-groups channel`` is the ``channel``
   strategy. RPTQ's default groups are the clusters, of uneven sizes: no compressed-tensors scheme holds
   them, and the export says so and how to re-quantize.
+- an 8-bit lm_head (``--head-bits 8``) is written dequantized, in float16 and untied from the embeddings: the
+  export computes what the checkpoint computes, and compressed-tensors keeps the head in floating point anyway;
 - activation and KV-cache quantization (W4A8, W4A4, *KV) have no equivalent in any other runtime's format
   (their scales are static per cluster): refused, naming the formats that exist.
 """
@@ -165,18 +167,28 @@ def export_compressed_tensors(checkpoint: str | os.PathLike, output: str | os.Pa
     actorder = any(a for _, _, a in schemes)
     if not actorder:  # plain contiguous groups: no g_idx
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".weight_g_idx")}
+    head_path = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    head = model.get_submodule(head_path)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if isinstance(head, QuantLinear):  # --head-bits 8: a float head there (compressed-tensors keeps it FP), untied
+        tensors[f"{head_path}.weight"] = head.dequantized_weight().to(torch.float16)
+        if head.bias is not None:
+            tensors[f"{head_path}.bias"] = head.bias.detach().to(torch.float16)
+        done.add(f"{head_path}.")
+        tied = False
     for key, value in model.state_dict().items():  # embeddings, final norm, lm_head, positions
         if not any(key.startswith(d) for d in done) and ".rptq." not in key and value.is_floating_point():
             tensors[key] = value.detach().to(torch.float16)
-    if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
-    ignore = ["lm_head"]
+    if tied:
+        tensors.pop(f"{head_path}.weight", None)
+    ignore = [head_path]
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
           "config_groups": {"group_0": _scheme(bits, size, actorder)}, "ignore": ignore, "kv_cache_scheme": None,
           "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {}, "version": version}
     hf_config = json.loads((checkpoint / "config.json").read_text())
     rptq_qc = hf_config.pop("quantization_config")
     hf_config.pop("transformers_weights", None)
+    hf_config["tie_word_embeddings"] = tied
     hf_config["quantization_config"] = qc
     _write(output, checkpoint, tensors, hf_config, rptq_qc)
     return {"bits": bits, "group_size": size, "actorder": actorder, "tensors": len(tensors)}

@@ -21,6 +21,8 @@ CASES = [  # (family, config, shape): act-order groups, W3 act-order, W8 per cha
     ("llama", QuantConfig(wbits=3, abits=16, clusters=SMALL, weight_groups=16), dict(hidden=64, heads=4, kv_heads=2, ffn=96)),
     ("qwen2", QuantConfig(wbits=8, abits=16, clusters=SMALL, weight_groups="channel"),
      dict(hidden=64, heads=2, kv_heads=1, ffn=96)),
+    # an 8-bit head: written dequantized and untied (OPT ties it to the embeddings)
+    ("opt", QuantConfig(wbits=4, abits=16, clusters=SMALL, weight_groups=32, head_bits=8), dict(hidden=64, heads=2)),
 ]
 
 
