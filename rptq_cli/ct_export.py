@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from . import outputs
 from .errors import RptqError
 from .models import family_for
+from .nn.head import head_path
 from .nn.linear import QuantLinear
 from .nn.norm import ReorderNorm
 
@@ -167,21 +168,21 @@ def export_compressed_tensors(checkpoint: str | os.PathLike, output: str | os.Pa
     actorder = any(a for _, _, a in schemes)
     if not actorder:  # plain contiguous groups: no g_idx
         tensors = {k: v for k, v in tensors.items() if not k.endswith(".weight_g_idx")}
-    head_path = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
-    head = model.get_submodule(head_path)
+    head_name = head_path(model)
+    head = model.get_submodule(head_name)
     tied = getattr(model.config, "tie_word_embeddings", False)
     if isinstance(head, QuantLinear):  # --head-bits 8: a float head there (compressed-tensors keeps it FP), untied
-        tensors[f"{head_path}.weight"] = head.dequantized_weight().to(torch.float16)
+        tensors[f"{head_name}.weight"] = head.dequantized_weight().to(torch.float16)
         if head.bias is not None:
-            tensors[f"{head_path}.bias"] = head.bias.detach().to(torch.float16)
-        done.add(f"{head_path}.")
+            tensors[f"{head_name}.bias"] = head.bias.detach().to(torch.float16)
+        done.add(f"{head_name}.")
         tied = False
     for key, value in model.state_dict().items():  # embeddings, final norm, lm_head, positions
         if not any(key.startswith(d) for d in done) and ".rptq." not in key and value.is_floating_point():
             tensors[key] = value.detach().to(torch.float16)
     if tied:
-        tensors.pop(f"{head_path}.weight", None)
-    ignore = [head_path]
+        tensors.pop(f"{head_name}.weight", None)
+    ignore = [head_name]
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
           "config_groups": {"group_0": _scheme(bits, size, actorder)}, "ignore": ignore, "kv_cache_scheme": None,
           "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {}, "version": version}
