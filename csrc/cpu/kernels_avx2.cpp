@@ -152,11 +152,16 @@ inline int64_t group_spans(const int32_t* gs, int G, int lanes) {
   return n;
 }
 
+// The fixes of the groups gs: every (group, run) pair but the group of each run's first code
+inline int64_t fixes_of(const int32_t* gs, int G) {
+  return group_spans(gs, G, kQ16Run) - (codes_of(gs, G) + kQ16Run - 1) / kQ16Run;
+}
+
 // Runs or visits, whichever costs less by the per-row times measured on AVX2 (docs/kernels.md): about 4.2 ns a
 // visit against 1.9 ns a run and 1.5 ns a fix. Groups of whole chunks (g64, g128) take visits.
 inline bool runs_cost_less(const int32_t* gs, int G) {
-  const int64_t runs = (codes_of(gs, G) + kQ16Run - 1) / kQ16Run, fixes = group_spans(gs, G, kQ16Run) - runs;
-  return 42 * group_spans(gs, G, kQ16Chunk) > 19 * runs + 15 * fixes;
+  const int64_t runs = (codes_of(gs, G) + kQ16Run - 1) / kQ16Run;
+  return 42 * group_spans(gs, G, kQ16Chunk) > 19 * runs + 15 * fixes_of(gs, G);
 }
 
 // The activations of one call for M rows over groups gs, staged for q16_rows (visits) or q16_run_rows (runs).
@@ -183,7 +188,7 @@ struct Q16Acts {
         xq(sg.n * M * kQ16Chunk),
         runs(by_runs ? (codes_of(gs, G) + kQ16Chunk - 1) / kQ16Chunk * (kQ16Chunk / kQ16Run) : 0),
         run_group(runs),
-        fixes(by_runs ? group_spans(gs, G, kQ16Run) - (codes_of(gs, G) + kQ16Run - 1) / kQ16Run : 0),
+        fixes(by_runs ? fixes_of(gs, G) : 0),
         fix_run(fixes),
         fix_group(fixes),
         fix_span(2 * fixes),
