@@ -796,11 +796,14 @@ inline __m256 exp256(__m256 x) {
 }
 
 inline void softmax_row(float* sc, int64_t len, int p_bits) {
-  float m = -INFINITY;
-  for (int64_t s = 0; s < len; ++s) m = sc[s] > m ? sc[s] : m;
+  __m256 m8 = _mm256_set1_ps(-INFINITY);
+  int64_t s = 0;
+  for (; s + 8 <= len; s += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sc + s));
+  float m = hmax8(m8);
+  for (; s < len; ++s) m = sc[s] > m ? sc[s] : m;
   const __m256 mv = _mm256_set1_ps(m);
   __m256 sum = _mm256_setzero_ps();
-  int64_t s = 0;
+  s = 0;
   for (; s + 8 <= len; s += 8) {
     const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + s), mv));
     _mm256_storeu_ps(sc + s, e);
@@ -872,42 +875,101 @@ struct Attention {
 
   static void softmax_row(float* sc, int64_t len, int p_bits) { avx2::softmax_row(sc, len, p_bits); }
 
-  // Per query, 64 codes of the head at a time in eight accumulators that stay in registers over a tile of rows
-  // (the tile stays in L1 for the next 64 codes); each element sums over s in order, as the reference does.
+  // P·V in the integer domain too. Each query's P is rounded once to int16: to its levels where it lies on the
+  // p_bits grid (p̂ = p·(2^p_bits − 1), exact), else to step max P / 32767. Two V rows at a time: the words of their decoded chunks are
+  // interleaved (unpacklo/hi_epi16) and meet the broadcast pair (p̂_s, p̂_{s+1}) in one vpmaddwd per 8 codes,
+  // exact int32 sums over a tile of kTile rows (|Σ| ≤ 128·32767·255 < 2^31), then converted and scaled into acc.
+  // Accumulator 2r + z, lane L, element e holds code 16r + 8L + 4z + e of the chunk (the unpacks' order).
   template <int BITS>
-  static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, float* acc) {
-    constexpr int64_t kTile = 128;  // rows: 8 KiB of 4-bit V at head_dim 128
-    for (int64_t i = 0; i < nq * C * 8; ++i) acc[i] = 0.f;
+  static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, int p_bits,
+                 float* acc, float* psum) {
+    constexpr int64_t kTile = 128;  // rows: 8 KiB of 4-bit V at head_dim 128, in L1 for every query and chunk
+    const int64_t chunks = (C * 8 + kQ16Chunk - 1) / kQ16Chunk, Dp = chunks * kQ16Chunk, cb = 2 * block_bytes(BITS);
+    const int64_t pairs = (kv_len + 1) / 2;
+    Buf<int32_t> pair(nq * pairs);
+    Buf<float> step(nq), out(nq * Dp);
+    for (int64_t j = 0; j < nq; ++j) step[j] = round_probs(p + j * kv_len, kv_len, p_bits, pair.p + j * pairs, psum + j);
+    for (int64_t i = 0; i < nq * Dp; ++i) out[i] = 0.f;
+    const Q16Decode<BITS> dec;
     for (int64_t s0 = 0; s0 < kv_len; s0 += kTile) {
       const int64_t s1 = s0 + kTile < kv_len ? s0 + kTile : kv_len;
-      for (int64_t j = 0; j < nq; ++j) {
-        const float* pj = p + j * kv_len;
-        for (int64_t c0 = 0; c0 < C; c0 += 8) {
-          const int64_t nc = C - c0 < 8 ? C - c0 : 8;
-          float* aj = acc + (j * C + c0) * 8;
-          __m256 a[8];
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t at = c * cb;
+        const bool whole = at + cb <= rb;  // rows of an odd number of blocks end in half a chunk
+        for (int64_t j = 0; j < nq; ++j) {
+          __m256i a[8];
 #pragma GCC unroll 8
-          for (int k = 0; k < 8; ++k) a[k] = k < nc ? _mm256_load_ps(aj + 8 * k) : _mm256_setzero_ps();
-          for (int64_t s = s0; s < s1; ++s) {
-            const uint8_t* row = vb + s * rb;
-            if (j == 0 && c0 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchKv * rb), _MM_HINT_T0);
-            const __m256 ps = _mm256_set1_ps(pj[s]);
-            if (nc == 8) {
-#pragma GCC unroll 8
-              for (int k = 0; k < 8; ++k) a[k] = _mm256_fmadd_ps(ps, unpack8_ps<BITS>(row, c0 + k), a[k]);
-            } else {
-              for (int k = 0; k < nc; ++k) a[k] = _mm256_fmadd_ps(ps, unpack8_ps<BITS>(row, c0 + k), a[k]);
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_si256();
+          for (int64_t s = s0; s < s1; s += 2) {
+            const uint8_t* ra = vb + s * rb + at;
+            const uint8_t* rn = s + 1 < kv_len ? ra + rb : ra;  // a last odd row meets p̂ = 0
+            if (j == 0 && c == 0)
+              for (int64_t i = 0; i < 2 * rb; i += 64)  // both rows' lines, kPrefetchKv rows ahead (never faults)
+                _mm_prefetch(reinterpret_cast<const char*>(ra + kPrefetchKv * rb + i), _MM_HINT_T0);
+            __m256i wa[4], wb[4];
+            dec(ra, whole ? ra + cb / 2 : kZeroBlock, wa);
+            dec(rn, whole ? rn + cb / 2 : kZeroBlock, wb);
+            const __m256i pp = _mm256_set1_epi32(pair[j * pairs + s / 2]);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; ++r) {
+              a[2 * r] = _mm256_add_epi32(a[2 * r], _mm256_madd_epi16(_mm256_unpacklo_epi16(wa[r], wb[r]), pp));
+              a[2 * r + 1] = _mm256_add_epi32(a[2 * r + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(wa[r], wb[r]), pp));
             }
           }
+          float* o = out.p + j * Dp + c * kQ16Chunk;
+          const __m256 f = _mm256_set1_ps(step[j]);
 #pragma GCC unroll 8
-          for (int k = 0; k < 8; ++k)
-            if (k < nc) _mm256_store_ps(aj + 8 * k, a[k]);
+          for (int i = 0; i < 8; ++i) {
+            alignas(32) float v[8];
+            _mm256_store_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(a[i]), f));
+            float* oi = o + 16 * (i / 2) + 4 * (i % 2);
+            for (int e = 0; e < 4; ++e) {
+              oi[e] += v[e];
+              oi[8 + e] += v[4 + e];
+            }
+          }
         }
       }
     }
+    for (int64_t j = 0; j < nq; ++j)
+      for (int64_t d = 0; d < C * 8; ++d) acc[j * C * 8 + d] = out[j * Dp + d];
   }
 
  private:
+  // P [n] → p̂ as int16 pairs (p̂_{2i}, p̂_{2i+1}) in one int32 each (a zero after an odd last); returns the step
+  // and its Σ p̂·step in *sum (exact integers: the zero-point term then sums exactly what the products used)
+  static float round_probs(const float* p, int64_t n, int p_bits, int32_t* pairs, float* sum) {
+    __m256 top8 = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(p + s));
+    float top = hmax8(top8);
+    for (; s < n; ++s) top = p[s] > top ? p[s] : top;
+    const bool grid = p_bits < 16;  // P = k / (2^p_bits − 1) already: its levels are integers ≤ 32767
+    const float levels = grid ? float((1 << p_bits) - 1) : float(kQ16Max);
+    const float step = grid ? 1.0f / levels : top / levels, inv = grid ? levels : (top > 0.f ? levels / top : 0.f);
+    const __m256 inv8 = _mm256_set1_ps(inv), lim = _mm256_set1_ps(float(kQ16Max));
+    int16_t* words = reinterpret_cast<int16_t*>(pairs);  // p̂_s is word s (little-endian: the pair's low half first)
+    int64_t total = 0;
+    for (s = 0; s + 8 <= n;) {
+      __m256i total8 = _mm256_setzero_si256();  // 4096 steps of ≤ 32767 a lane: the lanes' sum stays < 2^31
+      for (const int64_t end = n - 7 < s + 8 * 4096 ? n - 7 : s + 8 * 4096; s < end; s += 8) {
+        const __m256i k = _mm256_cvtps_epi32(_mm256_min_ps(
+            _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p + s), inv8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+            lim));
+        store_words(words + s, k, 8);
+        total8 = _mm256_add_epi32(total8, k);
+      }
+      total += hsum8i(total8);
+    }
+    for (; s < n; ++s) {
+      words[s] = int16_t(std::fmin(std::nearbyint(p[s] * inv), float(kQ16Max)));
+      total += words[s];
+    }
+    if (n % 2) words[n] = 0;
+    *sum = float(double(step) * double(total));
+    return step;
+  }
+
   // q' [C·8] (zero past head_dim) → q̂ = round(q' / s) as int16 [Dp] (zero past C·8) with s = max|q'| / 32767
   static void quantize_query(const float* q, int64_t C, int16_t* out, int64_t Dp, float* step) {
     const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(float(kQ16Max));

@@ -843,7 +843,9 @@ struct Attention {
 
   // head_dim 128 or 64 (C = 8 or 4) keeps a query's whole output row in registers over the cache
   template <int BITS>
-  static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, float* acc) {
+  static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, int /*p_bits*/,
+                 float* acc, float* psum) {
+    sum_probs(p, nq, kv_len, psum);
     if (C == 8) {
       for (int64_t j = 0; j < nq; ++j) pv_fixed<BITS, 8>(p + j * kv_len, kv_len, vb, rb, acc + j * C * 16);
       return;
