@@ -14,11 +14,23 @@ from torch import nn
 
 
 def derived(module: nn.Module, name: str, sources: tuple[torch.Tensor, ...], build: Callable[[], object]):
-    """``build()``, cached on ``module`` under ``name`` for as long as ``sources`` are unchanged."""
-    if any(t.is_inference() for t in sources):
-        return build()
-    stamp = tuple((t, t._version) for t in sources)
+    """``build()``, cached on ``module`` under ``name`` for as long as ``sources`` are unchanged. The check runs
+    on every forward of a decode step, so it is written as plain loops (generators cost microseconds a call)."""
     cached = module.__dict__.get(name)
-    if cached is None or any(a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], stamp)):
-        cached = module.__dict__[name] = (stamp, build())
-    return cached[1]
+    if cached is not None and _unchanged(cached[0], sources):
+        return cached[1]
+    value = build()
+    for t in sources:
+        if t.is_inference():
+            return value
+    module.__dict__[name] = (tuple([(t, t._version) for t in sources]), value)
+    return value
+
+
+def _unchanged(stamp: tuple, sources: tuple[torch.Tensor, ...]) -> bool:
+    if len(stamp) != len(sources):
+        return False
+    for (kept, version), t in zip(stamp, sources):
+        if kept is not t or version != t._version:
+            return False
+    return True

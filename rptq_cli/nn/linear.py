@@ -68,18 +68,31 @@ class QuantLinear(nn.Module):
     def drop_kernel_scales(self) -> None:
         """Forget the float32 copy of the scales (a streamed layer being released must not keep it alive)."""
         self._cpu_scales = None
+        self.__dict__.pop("_kernel_args", None)
+
+    def kernel_args(self) -> tuple:
+        """The kernel's weight arguments ``(qweight, scales, zeros, group_sizes)`` (scales: :meth:`kernel_scales`)
+        and, fused, the input grid's ``(act_scale, act_zero)``: one tuple, kept until a buffer is replaced or
+        written. Every layer runs once per decoded token, and reading six buffers through ``nn.Module``'s attribute
+        lookup cost about as much as a small GEMV (10 µs)."""
+        b = self._buffers
+        sources = (b["qweight"], b["scales"], b["zeros"], b["group_sizes"])
+        if self.fused:
+            sources += (self.act._buffers["scale"], self.act._buffers["zero"])
+        return derived(self, "_kernel_args", sources,
+                       lambda: (sources[0], self.kernel_scales(), *sources[2:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self._parameters.get("bias")
         if self.fused:
-            a = self.act
-            return kernels.linear_aq(x, self.qweight, self.kernel_scales(), self.zeros, self.group_sizes, self.bits,
-                                     a.scale, a.zero, a.bits, self.bias)
+            qweight, scales, zeros, group_sizes, act_scale, act_zero = self.kernel_args()
+            return kernels.linear_aq(x, qweight, scales, zeros, group_sizes, self.bits, act_scale, act_zero,
+                                     self.act.bits, bias)
         if self.act is not None:
             x = self.act(x)
         if self.weight is not None:
-            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        return kernels.linear_a16(x, self.qweight, self.kernel_scales(), self.zeros, self.group_sizes, self.bits,
-                                  self.bias)
+            return F.linear(x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return kernels.linear_a16(x, *self.kernel_args(), self.bits, bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, wbits={self.bits}, fused={self.fused}"
