@@ -884,10 +884,11 @@ struct Attention {
   static void softmax_row(float* sc, int64_t len, int p_bits) { avx2::softmax_row(sc, len, p_bits); }
 
   // P·V in the integer domain too. Each query's P is rounded once to int16: to its levels where it lies on the
-  // p_bits grid (p̂ = p·(2^p_bits − 1), exact), else to step max P / 32767. Two V rows at a time: the words of their decoded chunks are
-  // interleaved (unpacklo/hi_epi16) and meet the broadcast pair (p̂_s, p̂_{s+1}) in one vpmaddwd per 8 codes,
-  // exact int32 sums over a tile of kTile rows (|Σ| ≤ 128·32767·255 < 2^31), then converted and scaled into acc.
-  // Accumulator 2r + z, lane L, element e holds code 16r + 8L + 4z + e of the chunk (the unpacks' order).
+  // p_bits grid (p̂ = p·(2^p_bits − 1), exact), else to step max P / 32767. Two V rows at a time: the words of
+  // their decoded chunks are interleaved (unpacklo/hi_epi16) and meet the broadcast pair (p̂_s, p̂_{s+1}) in one
+  // vpmaddwd per 8 codes, exact int32 sums over a tile of kTile rows (|Σ| ≤ 128·32767·255 < 2^31), then converted
+  // and scaled into acc. Accumulator 2r + z, lane L, element e holds code 16r + 8L + 4z + e of the chunk (the
+  // unpacks' order).
   template <int BITS>
   static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, int p_bits,
                  float* acc, float* psum) {
@@ -896,7 +897,8 @@ struct Attention {
     const int64_t pairs = (kv_len + 1) / 2;
     Buf<int32_t> pair(nq * pairs);
     Buf<float> step(nq), out(nq * Dp);
-    for (int64_t j = 0; j < nq; ++j) step[j] = round_probs(p + j * kv_len, kv_len, p_bits, pair.p + j * pairs, psum + j);
+    for (int64_t j = 0; j < nq; ++j)
+      step[j] = round_probs(p + j * kv_len, kv_len, p_bits, pair.p + j * pairs, psum + j);
     for (int64_t i = 0; i < nq * Dp; ++i) out[i] = 0.f;
     const Q16Decode<BITS> dec;
     for (int64_t s0 = 0; s0 < kv_len; s0 += kTile) {
@@ -998,204 +1000,233 @@ struct Attention {
 // Each token s of a kv head has its own grid per group g (the head's KV clusters, G ≤ 8): a_sg = scale,
 // z_sg = zero, k_sd = a_{s,g(d)}·(c_sd − z_{s,g(d)}), and the same for V.
 //   Scores: q' = q·scaling, rounded once per query to int16 on σ = max|q'| / 32767 (the static path's grid), and
-//     score_s = σ·(Σ_d a_{s,g(d)}·q̂_d·c_sd − Σ_g a_sg·z_sg·Q_g), Q_g = Σ_{d∈g} q̂_d. A lane of the first sum holds
-//     one channel: each decoded run of 16 codes meets q̂ with its odd words zeroed and with its even words zeroed
-//     (two vpmaddwd; a lane's product ≤ 32767·255 converts to float exactly), and each lane is scaled by its
-//     channel's a, the row's G scales permuted into place by a per-head lane → group table.
-//   P·V: out_d = Σ_s w_{s,g(d)}·c_sd − Σ_s w_{s,g(d)}·z_{s,g(d)} with w_sg = p_s·a_sg, rounded per query and group
-//     to int16 on max_s w_sg / 32767; two rows interleaved per vpmaddwd as in the static path, each lane's pair
-//     (ŵ_{s,g}, ŵ_{s+1,g}) permuted from the row pair's G pairs by the lane's group. Σ ŵ·z is summed exactly.
+//     score_s = σ·(Σ_d a_{s,g(d)}·q̂_d·c_sd − Σ_g a_sg·z_sg·Q_g), Q_g = Σ_{d∈g} q̂_d. A lane of the first sum
+//     holds one channel: each decoded run of 16 codes meets q̂ with its odd words zeroed and with its even words
+//     zeroed (two vpmaddwd; a lane's product ≤ 32767·255 converts to float exactly), and each lane is scaled by
+//     its channel's a, the row's G scales permuted into place by a per-head lane → group table.
+//   P·V: out_d = Σ_s w_{s,g(d)}·c_sd − Σ_s w_{s,g(d)}·z_{s,g(d)} with w_sg = p_s·a_sg, rounded per query and
+//     group to int16 on max_s w_sg / 32767; two rows interleaved per vpmaddwd as in the static path, each lane's
+//     pair (ŵ_{s,g}, ŵ_{s+1,g}) permuted from the row pair's G pairs by the lane's group. Σ ŵ·z is exact.
 // More than 8 groups a head take the portable kernel.
-struct TokenGrids {
-  static constexpr int kMaxGroups = 8;
+constexpr int kTokenMaxGroups = 8;
 
-  // The grid of one token: a (8 lanes, zero past G) and, if asked, a·z and z. `wide`: eight scales and eight zeros
-  // may be read from here (the slab goes on): one load each, the lanes past G (the next tokens') masked off. A copy
-  // of G values into a vector would stall on its store (the load cannot be forwarded from narrower stores).
-  static void row(const uint16_t* scale, const uint8_t* zero, int G, bool wide, __m256* a, __m256* az,
-                  __m256i* z = nullptr) {
-    __m128i sv, zv;
-    const __m128i lanes = _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7), keep = _mm_cmpgt_epi16(_mm_set1_epi16(int16_t(G)), lanes);
-    if (wide) {
-      sv = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale)), keep);
-      zv = _mm_and_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero)), _mm_packs_epi16(keep, keep));
-    } else {
-      alignas(16) uint16_t sb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      alignas(16) uint8_t zb[16] = {0};
-      for (int g = 0; g < G; ++g) {
-        sb[g] = scale[g];
-        zb[g] = zero[g];
-      }
-      sv = _mm_load_si128(reinterpret_cast<const __m128i*>(sb));
-      zv = _mm_load_si128(reinterpret_cast<const __m128i*>(zb));
+inline __m256i load_lanes(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i load_words(const int16_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// The grid of one token: a (8 lanes, zero past G) and, if asked, a·z and z. `wide`: eight scales and eight zeros
+// may be read from here (the slab goes on): one load each, the lanes past G (the next tokens') masked off. A copy
+// of G values into a vector would stall on its store (the load cannot be forwarded from narrower stores).
+inline void token_grid(const uint16_t* scale, const uint8_t* zero, int G, bool wide, __m256* a, __m256* az,
+                       __m256i* z = nullptr) {
+  __m128i sv, zv;
+  const __m128i keep = _mm_cmpgt_epi16(_mm_set1_epi16(int16_t(G)), _mm_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7));
+  if (wide) {
+    sv = _mm_and_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scale)), keep);
+    zv = _mm_and_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(zero)), _mm_packs_epi16(keep, keep));
+  } else {
+    alignas(16) uint16_t sb[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    alignas(16) uint8_t zb[16] = {0};
+    for (int g = 0; g < G; ++g) {
+      sb[g] = scale[g];
+      zb[g] = zero[g];
     }
-    *a = _mm256_cvtph_ps(sv);
-    const __m256i zi = _mm256_cvtepu8_epi32(zv);
-    if (az) *az = _mm256_mul_ps(*a, _mm256_cvtepi32_ps(zi));
-    if (z) *z = zi;
+    sv = _mm_load_si128(reinterpret_cast<const __m128i*>(sb));
+    zv = _mm_load_si128(reinterpret_cast<const __m128i*>(zb));
+  }
+  *a = _mm256_cvtph_ps(sv);
+  const __m256i zi = _mm256_cvtepu8_epi32(zv);
+  if (az) *az = _mm256_mul_ps(*a, _mm256_cvtepi32_ps(zi));
+  if (z) *z = zi;
+}
+
+// One thread's tables and buffers for the (batch, kv head) tasks of one call (sizes from the call's shapes).
+struct TokenHead {
+  int64_t D, Dp, chunks, runs, nq, Tq, S, kv_len, rb;
+  int Gk, Gv;
+  Buf<int32_t> gk, gv;   // [Dp] channel → group (channels past D: group 0; their codes and q̂ are zero)
+  Buf<int32_t> lane_k;   // [runs][2][8] scores: run r, parity e, lane i → group of channel 16r + 2i + e
+  Buf<int32_t> lane_v;   // [chunks][8][8] P·V: accumulator 2r + z, lane 4L + e → group of code 16r + 8L + 4z + e
+  Buf<int16_t> qe, qo;   // [nq][Dp] q̂ with its odd / even channels zeroed
+  Buf<float> qgroup;     // [nq][8] Q_g
+  Buf<float> sigma;      // [nq] q̂'s step
+  Buf<float> sc;         // [nq][kv_len] scores, then P
+  Buf<float> va;         // [kv_len][8] V's a per token
+  Buf<int32_t> vzi;      // [kv_len][8] V's z per token
+  Buf<int32_t> pairs;    // [kv_len / 2][8] (ŵ_{2i,g}, ŵ_{2i+1,g}) of one query
+  Buf<float> out;        // [Dp] one query's Σ_s ŵ·step·c
+
+  TokenHead(int64_t D_, int64_t nq_, int64_t Tq_, int64_t S_, int64_t kv_len_, int bits, int Gk_, int Gv_)
+      : D(D_), Dp((D_ + kQ16Chunk - 1) / kQ16Chunk * kQ16Chunk), chunks(Dp / kQ16Chunk), runs(Dp / kQ16Run),
+        nq(nq_), Tq(Tq_), S(S_), kv_len(kv_len_), rb(row_bytes(D_, bits)), Gk(Gk_), Gv(Gv_), gk(Dp), gv(Dp),
+        lane_k(runs * 16), lane_v(chunks * 64), qe(nq * Dp), qo(nq * Dp), qgroup(nq * 8), sigma(nq),
+        sc(nq * kv_len), va(kv_len * 8), vzi(kv_len * 8), pairs((kv_len + 1) / 2 * 8), out(Dp) {}
+
+  void tables(const int32_t* kgs, const int32_t* vgs) {
+    channel_groups(kgs, Gk, gk.p);
+    channel_groups(vgs, Gv, gv.p);
+    for (int64_t r = 0; r < runs; ++r)
+      for (int e = 0; e < 2; ++e)
+        for (int i = 0; i < 8; ++i) lane_k[(2 * r + e) * 8 + i] = gk[16 * r + 2 * i + e];
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int i = 0; i < 8; ++i)
+        for (int l = 0; l < 8; ++l)
+          lane_v[(c * 8 + i) * 8 + l] = gv[64 * c + 16 * (i / 2) + 8 * (l / 4) + 4 * (i % 2) + l % 4];
   }
 
-  // channel → group for channels [0, Dp) (channels past D: group 0; their codes and q̂ are zero)
-  static void channel_groups(const int32_t* gs, int G, int64_t D, int64_t Dp, int32_t* gidx) {
-    int64_t d = 0;
-    for (int g = 0; g < G; ++g)
-      for (int64_t i = 0; i < gs[g]; ++i) gidx[d++] = g;
-    for (; d < Dp; ++d) gidx[d] = 0;
-  }
-};
-
-template <int BITS>
-void token_head(const float* const* qrows, int64_t nq, int64_t Tq, int64_t D, const uint8_t* kb, const uint8_t* vb,
-                int64_t rb, const uint16_t* ks, const uint8_t* kz, const uint16_t* vs, const uint8_t* vz,
-                const int32_t* kgs, int Gk, const int32_t* vgs, int Gv, int64_t S, int64_t kv_len, float scaling,
-                int p_bits, float* const* orows, const int64_t Dp, int32_t* gk, int32_t* gv, int32_t* lane_k, int32_t* lane_v,
-                int16_t* qe, int16_t* qo, float* qgroup, float* sigma, float* sc, float* va, int32_t* vzi,
-                int32_t* pairs, float* out) {
-  constexpr int64_t cb = 2 * block_bytes(BITS);
-  const int64_t chunks = Dp / kQ16Chunk, runs = Dp / kQ16Run;
-  const Q16Decode<BITS> dec;
-  TokenGrids::channel_groups(kgs, Gk, D, Dp, gk);
-  TokenGrids::channel_groups(vgs, Gv, D, Dp, gv);
-  for (int64_t r = 0; r < runs; ++r)  // scores: run r, parity e, lane i holds channel 16r + 2i + e
-    for (int e = 0; e < 2; ++e)
-      for (int i = 0; i < 8; ++i) lane_k[(2 * r + e) * 8 + i] = gk[16 * r + 2 * i + e];
-  for (int64_t c = 0; c < chunks; ++c)  // P·V: accumulator 2r + z of chunk c, lane 4L + e: code 16r + 8L + 4z + e
-    for (int i = 0; i < 8; ++i)
-      for (int l = 0; l < 8; ++l) lane_v[(c * 8 + i) * 8 + l] = gv[64 * c + 16 * (i / 2) + 8 * (l / 4) + 4 * (i % 2) + l % 4];
-  // q̂ of each query, split into its even and odd channels, and Q_g
-  for (int64_t j = 0; j < nq; ++j) {
-    float top = 0.f;
-    for (int64_t d = 0; d < D; ++d) top = std::fmax(top, std::fabs(qrows[j][d] * scaling));
-    sigma[j] = top / float(kQ16Max);
-    const float inv = top > 0.f ? 1.0f / sigma[j] : 0.f;
-    float* qg = qgroup + j * 8;
-    for (int g = 0; g < 8; ++g) qg[g] = 0.f;
-    for (int64_t d = 0; d < Dp; ++d) {
-      const int16_t v = d < D ? int16_t(std::fmin(std::fmax(std::nearbyint(qrows[j][d] * scaling * inv), -float(kQ16Max)),
-                                                  float(kQ16Max))) : 0;
-      qe[j * Dp + d] = d % 2 ? 0 : v;
-      qo[j * Dp + d] = d % 2 ? v : 0;
-      qg[gk[d]] += float(v);
-    }
-  }
-  // scores, eight rows at a time (their sums reduced together)
-  for (int64_t s0 = 0; s0 < kv_len; s0 += 8) {
-    const int64_t rows = kv_len - s0 < 8 ? kv_len - s0 : 8;
-    const uint8_t* tile = kb + s0 * rb;
-    for (int64_t i = 0; i < rows * rb; i += 64)
-      _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchKv * rb + i), _MM_HINT_T0);  // never faults
-    alignas(32) float ga[8][8], gaz[8][8];  // the rows' grids: a and a·z
-    for (int64_t r = 0; r < rows; ++r) {
-      __m256 a, az;
-      TokenGrids::row(ks + (s0 + r) * Gk, kz + (s0 + r) * Gk, Gk, (S - s0 - r) * Gk >= 8, &a, &az);
-      _mm256_store_ps(ga[r], a);
-      _mm256_store_ps(gaz[r], az);
-    }
+  // q̂ of each query (q' = q·scaling on its symmetric int16 grid), split into its even and odd channels, and Q_g
+  void queries(const float* const* qrows, float scaling) {
     for (int64_t j = 0; j < nq; ++j) {
-      const __m256 qg = _mm256_loadu_ps(qgroup + j * 8);
-      __m256 acc[8];
-#pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) {
-        acc[r] = _mm256_setzero_ps();
-        if (r >= rows) continue;
-        const uint8_t* row = tile + r * rb;
-        const __m256 a = _mm256_load_ps(ga[r]);
-        __m256 odd = _mm256_setzero_ps();
-        acc[r] = _mm256_fnmadd_ps(_mm256_load_ps(gaz[r]), qg, acc[r]);  // − Σ_g a·z·Q_g
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t at = c * cb;
-          __m256i w[4];
-          dec(row + at, at + cb <= rb ? row + at + cb / 2 : kZeroBlock, w);
-#pragma GCC unroll 4
-          for (int h = 0; h < 4; ++h) {
-            const int64_t run = 4 * c + h;
-            const __m256i e = _mm256_load_si256(reinterpret_cast<const __m256i*>(qe + j * Dp + run * kQ16Run));
-            const __m256i o = _mm256_load_si256(reinterpret_cast<const __m256i*>(qo + j * Dp + run * kQ16Run));
-            const __m256i le = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_k + 16 * run));
-            const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lane_k + 16 * run + 8));
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[h], e)), _mm256_permutevar8x32_ps(a, le),
-                                     acc[r]);
-            odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(w[h], o)), _mm256_permutevar8x32_ps(a, lo), odd);
-          }
-        }
-        acc[r] = _mm256_add_ps(acc[r], odd);
+      float top = 0.f;
+      for (int64_t d = 0; d < D; ++d) top = std::fmax(top, std::fabs(qrows[j][d] * scaling));
+      sigma[j] = top / float(kQ16Max);
+      const float inv = top > 0.f ? 1.0f / sigma[j] : 0.f, lim = float(kQ16Max);
+      float* qg = qgroup.p + j * 8;
+      for (int g = 0; g < 8; ++g) qg[g] = 0.f;
+      for (int64_t d = 0; d < Dp; ++d) {
+        const float v = d < D ? std::fmin(std::fmax(std::nearbyint(qrows[j][d] * scaling * inv), -lim), lim) : 0.f;
+        qe[j * Dp + d] = d % 2 ? 0 : int16_t(v);
+        qo[j * Dp + d] = d % 2 ? int16_t(v) : 0;
+        qg[gk[d]] += v;
       }
-      mask_store8(sc + j * kv_len + s0, lanes_below(rows), _mm256_mul_ps(hsum8x8_ps(acc), _mm256_set1_ps(sigma[j])));
     }
   }
-  // the V grids, once for every query
-  for (int64_t s = 0; s < kv_len; ++s) {
-    __m256 a;
-    __m256i z;
-    TokenGrids::row(vs + s * Gv, vz + s * Gv, Gv, (S - s) * Gv >= 8, &a, nullptr, &z);
-    _mm256_store_ps(va + s * 8, a);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(vzi + s * 8), z);
+
+  // sc[j][s] for every query and K row, eight rows at a time (their sums reduced together)
+  template <int BITS>
+  void scores(const uint8_t* kb, const uint16_t* ks, const uint8_t* kz) {
+    constexpr int64_t cb = 2 * block_bytes(BITS);
+    const Q16Decode<BITS> dec;
+    for (int64_t s0 = 0; s0 < kv_len; s0 += 8) {
+      const int64_t rows = kv_len - s0 < 8 ? kv_len - s0 : 8;
+      const uint8_t* tile = kb + s0 * rb;
+      for (int64_t i = 0; i < rows * rb; i += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchKv * rb + i), _MM_HINT_T0);  // never faults
+      alignas(32) float ga[8][8], gaz[8][8];  // the rows' grids: a and a·z
+      for (int64_t r = 0; r < rows; ++r) {
+        __m256 a, az;
+        token_grid(ks + (s0 + r) * Gk, kz + (s0 + r) * Gk, Gk, (S - s0 - r) * Gk >= 8, &a, &az);
+        _mm256_store_ps(ga[r], a);
+        _mm256_store_ps(gaz[r], az);
+      }
+      for (int64_t j = 0; j < nq; ++j) {
+        const __m256 qg = _mm256_loadu_ps(qgroup.p + j * 8);
+        const int16_t* qej = qe.p + j * Dp;
+        const int16_t* qoj = qo.p + j * Dp;
+        __m256 acc[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+          acc[r] = _mm256_setzero_ps();
+          if (r >= rows) continue;
+          const uint8_t* row = tile + r * rb;
+          const __m256 a = _mm256_load_ps(ga[r]);
+          __m256 odd = _mm256_setzero_ps();
+          acc[r] = _mm256_fnmadd_ps(_mm256_load_ps(gaz[r]), qg, acc[r]);  // − Σ_g a·z·Q_g
+          for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t at = c * cb;
+            __m256i w[4];
+            dec(row + at, at + cb <= rb ? row + at + cb / 2 : kZeroBlock, w);
+#pragma GCC unroll 4
+            for (int h = 0; h < 4; ++h) {
+              const int64_t run = 4 * c + h;
+              const __m256i e = _mm256_madd_epi16(w[h], load_words(qej + 16 * run));
+              const __m256i o = _mm256_madd_epi16(w[h], load_words(qoj + 16 * run));
+              const __m256 ae = _mm256_permutevar8x32_ps(a, load_lanes(lane_k.p + 16 * run));
+              const __m256 ao = _mm256_permutevar8x32_ps(a, load_lanes(lane_k.p + 16 * run + 8));
+              acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(e), ae, acc[r]);
+              odd = _mm256_fmadd_ps(_mm256_cvtepi32_ps(o), ao, odd);
+            }
+          }
+          acc[r] = _mm256_add_ps(acc[r], odd);
+        }
+        const __m256 v = _mm256_mul_ps(hsum8x8_ps(acc), _mm256_set1_ps(sigma[j]));
+        mask_store8(sc.p + j * kv_len + s0, lanes_below(rows), v);
+      }
+    }
   }
-  for (int64_t j = 0; j < nq; ++j) {
-    float* p = sc + j * kv_len;
-    const int64_t visible = kv_len - Tq + j % Tq + 1;  // causal: query j sits at position kv_len − Tq + (j mod Tq)
-    softmax_row(p, visible, p_bits);
-    for (int64_t s = visible; s < kv_len; ++s) p[s] = 0.f;
-    // ŵ = round(p·a / step) per group, step = max w / 32767, as (row 2i, row 2i + 1) pairs; Σ ŵ·z exactly
+
+  // V's grids, once for every query
+  void value_grids(const uint16_t* vs, const uint8_t* vz) {
+    for (int64_t s = 0; s < kv_len; ++s) {
+      __m256 a;
+      __m256i z;
+      token_grid(vs + s * Gv, vz + s * Gv, Gv, (S - s) * Gv >= 8, &a, nullptr, &z);
+      _mm256_store_ps(va.p + s * 8, a);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(vzi.p + s * 8), z);
+    }
+  }
+
+  // Query j's weights: ŵ = round(p·a / step) per group (step = max_s p·a / 32767) into `pairs`, and Σ_s ŵ·z into
+  // zsum (exact: int32 lanes over 128 rows, ≤ 128·32767·255 < 2^31, then int64); step per group into `step`
+  void weights(const float* p, float (&step)[8], int64_t (&zsum)[8]) {
     __m256 top = _mm256_setzero_ps();
-    for (int64_t s = 0; s < kv_len; ++s) top = _mm256_max_ps(top, _mm256_mul_ps(_mm256_set1_ps(p[s]), _mm256_load_ps(va + s * 8)));
-    alignas(32) float step[8], inv[8];
-    _mm256_store_ps(step, _mm256_div_ps(top, _mm256_set1_ps(float(kQ16Max))));
+    for (int64_t s = 0; s < kv_len; ++s)
+      top = _mm256_max_ps(top, _mm256_mul_ps(_mm256_set1_ps(p[s]), _mm256_load_ps(va.p + s * 8)));
+    _mm256_storeu_ps(step, _mm256_div_ps(top, _mm256_set1_ps(float(kQ16Max))));
+    alignas(32) float inv[8];
     for (int g = 0; g < 8; ++g) inv[g] = step[g] > 0.f ? 1.0f / step[g] : 0.f;
     const __m256 inv8 = _mm256_load_ps(inv), lim = _mm256_set1_ps(float(kQ16Max));
-    alignas(32) int64_t zsum[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int g = 0; g < 8; ++g) zsum[g] = 0;
     for (int64_t s0 = 0; s0 < kv_len; s0 += 128) {
-      __m256i zacc = _mm256_setzero_si256();  // ≤ 128·32767·255 < 2^31 a lane
+      __m256i zacc = _mm256_setzero_si256();
       for (int64_t s = s0; s < s0 + 128 && s < kv_len; s += 2) {
         __m256i k[2];
         for (int h = 0; h < 2; ++h) {
-          if (s + h >= kv_len) {
-            k[h] = _mm256_setzero_si256();
-            continue;
-          }
-          const __m256 w = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(p[s + h]), _mm256_load_ps(va + (s + h) * 8)), inv8);
-          k[h] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_round_ps(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lim));
-          zacc = _mm256_add_epi32(zacc, _mm256_mullo_epi32(k[h], _mm256_load_si256(reinterpret_cast<const __m256i*>(vzi + (s + h) * 8))));
+          k[h] = _mm256_setzero_si256();  // past the last row: ŵ = 0
+          if (s + h >= kv_len) continue;
+          const __m256 w = _mm256_mul_ps(_mm256_set1_ps(p[s + h]), _mm256_load_ps(va.p + (s + h) * 8));
+          const __m256 kf = _mm256_round_ps(_mm256_mul_ps(w, inv8), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          k[h] = _mm256_cvtps_epi32(_mm256_min_ps(kf, lim));
+          zacc = _mm256_add_epi32(zacc, _mm256_mullo_epi32(k[h], load_lanes(vzi.p + (s + h) * 8)));
         }
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs + (s / 2) * 8), _mm256_or_si256(k[0], _mm256_slli_epi32(k[1], 16)));
+        const __m256i both = _mm256_or_si256(k[0], _mm256_slli_epi32(k[1], 16));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs.p + s / 2 * 8), both);
       }
       alignas(32) int32_t zt[8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(zt), zacc);
       for (int g = 0; g < 8; ++g) zsum[g] += zt[g];
     }
+  }
+
+  // out[d] = Σ_s ŵ_{s,g(d)}·step_{g(d)}·c_sd for query j's pairs, a tile of 128 rows at a time (as the static path)
+  template <int BITS>
+  void pv(const uint8_t* vb, const float (&step)[8], bool prefetch) {
+    constexpr int64_t cb = 2 * block_bytes(BITS);
+    const Q16Decode<BITS> dec;
     for (int64_t d = 0; d < Dp; ++d) out[d] = 0.f;
+    const __m256 step8 = _mm256_loadu_ps(step);
     for (int64_t s0 = 0; s0 < kv_len; s0 += 128) {
       const int64_t s1 = s0 + 128 < kv_len ? s0 + 128 : kv_len;
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t at = c * cb;
         const bool whole = at + cb <= rb;
-        const int32_t* lanes = lane_v + c * 64;
+        const int32_t* lanes = lane_v.p + c * 64;
         __m256i acc[8];
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
         for (int64_t s = s0; s < s1; s += 2) {
           const uint8_t* ra = vb + s * rb + at;
           const uint8_t* rn = s + 1 < kv_len ? ra + rb : ra;  // a last odd row meets ŵ = 0
-          if (j == 0 && c == 0)
-            for (int64_t i = 0; i < 2 * rb; i += 64) _mm_prefetch(reinterpret_cast<const char*>(ra + kPrefetchKv * rb + i), _MM_HINT_T0);
+          if (prefetch && c == 0)
+            for (int64_t i = 0; i < 2 * rb; i += 64)
+              _mm_prefetch(reinterpret_cast<const char*>(ra + kPrefetchKv * rb + i), _MM_HINT_T0);
           __m256i wa[4], wb[4];
           dec(ra, whole ? ra + cb / 2 : kZeroBlock, wa);
           dec(rn, whole ? rn + cb / 2 : kZeroBlock, wb);
-          const __m256i pp = _mm256_load_si256(reinterpret_cast<const __m256i*>(pairs + (s / 2) * 8));
+          const __m256i pp = load_lanes(pairs.p + s / 2 * 8);
 #pragma GCC unroll 4
           for (int r = 0; r < 4; ++r) {
-            const __m256i lo = _mm256_permutevar8x32_epi32(pp, _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + (2 * r) * 8)));
-            const __m256i hi = _mm256_permutevar8x32_epi32(pp, _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + (2 * r + 1) * 8)));
+            const __m256i lo = _mm256_permutevar8x32_epi32(pp, load_lanes(lanes + 16 * r));
+            const __m256i hi = _mm256_permutevar8x32_epi32(pp, load_lanes(lanes + 16 * r + 8));
             acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(_mm256_unpacklo_epi16(wa[r], wb[r]), lo));
-            acc[2 * r + 1] = _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(wa[r], wb[r]), hi));
+            acc[2 * r + 1] =
+                _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(wa[r], wb[r]), hi));
           }
         }
-        float* o = out + c * kQ16Chunk;
-        const __m256 step8 = _mm256_load_ps(step);
+        float* o = out.p + c * kQ16Chunk;
 #pragma GCC unroll 8
         for (int i = 0; i < 8; ++i) {
-          const __m256 f = _mm256_permutevar8x32_ps(step8, _mm256_load_si256(reinterpret_cast<const __m256i*>(lanes + i * 8)));
           alignas(32) float v[8];
+          const __m256 f = _mm256_permutevar8x32_ps(step8, load_lanes(lanes + i * 8));
           _mm256_store_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), f));
           float* oi = o + 16 * (i / 2) + 4 * (i % 2);
           for (int e = 0; e < 4; ++e) {
@@ -1205,48 +1236,70 @@ void token_head(const float* const* qrows, int64_t nq, int64_t Tq, int64_t D, co
         }
       }
     }
-    for (int64_t d = 0; d < D; ++d) orows[j][d] = out[d] - float(double(step[gv[d]]) * double(zsum[gv[d]]));
   }
-}
+
+  template <int BITS>
+  void attend(const float* const* qrows, float* const* orows, const uint8_t* kb, const uint8_t* vb,
+              const uint16_t* ks, const uint8_t* kz, const uint16_t* vs, const uint8_t* vz, float scaling,
+              int p_bits) {
+    queries(qrows, scaling);
+    scores<BITS>(kb, ks, kz);
+    value_grids(vs, vz);
+    for (int64_t j = 0; j < nq; ++j) {
+      float* p = sc.p + j * kv_len;
+      const int64_t visible = kv_len - Tq + j % Tq + 1;  // causal: query j sits at position kv_len − Tq + j mod Tq
+      softmax_row(p, visible, p_bits);
+      for (int64_t s = visible; s < kv_len; ++s) p[s] = 0.f;
+      float step[8];
+      int64_t zsum[8];
+      weights(p, step, zsum);
+      pv<BITS>(vb, step, j == 0);
+      for (int64_t d = 0; d < D; ++d) orows[j][d] = out[d] - float(double(step[gv[d]]) * double(zsum[gv[d]]));
+    }
+  }
+
+ private:
+  void channel_groups(const int32_t* gs, int G, int32_t* gidx) const {
+    int64_t d = 0;
+    for (int g = 0; g < G; ++g)
+      for (int64_t i = 0; i < gs[g]; ++i) gidx[d++] = g;
+    for (; d < Dp; ++d) gidx[d] = 0;
+  }
+};
 
 void token_attention(const float* q, int64_t B, int64_t Hq, int64_t Tq, int64_t D, const uint8_t* kp,
                      const uint8_t* vp, int64_t Hkv, int64_t S, const uint16_t* k_scale, const uint8_t* k_zero,
                      const uint16_t* v_scale, const uint8_t* v_zero, const int32_t* k_groups, int64_t Gk,
                      const int32_t* v_groups, int64_t Gv, int bits, int64_t kv_len, float scaling, int p_bits,
                      float* out) {
-  if (Gk > TokenGrids::kMaxGroups || Gv > TokenGrids::kMaxGroups)
+  if (Gk > kTokenMaxGroups || Gv > kTokenMaxGroups)
     return g_kv_token_attention(q, B, Hq, Tq, D, kp, vp, Hkv, S, k_scale, k_zero, v_scale, v_zero, k_groups, Gk,
                                 v_groups, Gv, bits, kv_len, scaling, p_bits, out);
   const int64_t rb = row_bytes(D, bits), rep = Hq / Hkv, nq = rep * Tq;
-  const int64_t Dp = (D + kQ16Chunk - 1) / kQ16Chunk * kQ16Chunk, chunks = Dp / kQ16Chunk, runs = Dp / kQ16Run;
 #pragma omp parallel if (B * Hkv * kv_len * D > kParallelMin)
   {
     Buf<const float*> qrows(nq);
     Buf<float*> orows(nq);
-    Buf<int32_t> gk(Dp), gv(Dp), lane_k(runs * 16), lane_v(chunks * 64), vzi(kv_len * 8), pairs((kv_len + 1) / 2 * 8);
-    Buf<int16_t> qe(nq * Dp), qo(nq * Dp);
-    Buf<float> qgroup(nq * 8), sigma(nq), sc(nq * kv_len), va(kv_len * 8), acc(Dp);
+    TokenHead head(D, nq, Tq, S, kv_len, bits, int(Gk), int(Gv));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * Hkv; ++bh) {
-      const int64_t b = bh / Hkv, h = bh % Hkv;
+      const int64_t b = bh / Hkv, h = bh % Hkv, at = bh * S;
       for (int64_t j = 0; j < nq; ++j) {  // query j = (head r of the kv group, position t)
         const int64_t off = (((b * Hq) + h * rep + j / Tq) * Tq + j % Tq) * D;
         qrows[j] = q + off;
         orows[j] = out + off;
       }
-      const int64_t at = bh * S;
-      auto head = [&](auto bits_tag) {
-        token_head<decltype(bits_tag)::value>(
-            qrows.p, nq, Tq, D, kp + at * rb, vp + at * rb, rb, k_scale + at * Gk, k_zero + at * Gk,
-            v_scale + at * Gv, v_zero + at * Gv, k_groups + h * Gk, int(Gk), v_groups + h * Gv, int(Gv), S, kv_len,
-            scaling, p_bits, orows.p, Dp, gk.p, gv.p, lane_k.p, lane_v.p, qe.p, qo.p, qgroup.p, sigma.p, sc.p, va.p,
-            vzi.p, pairs.p, acc.p);
+      head.tables(k_groups + h * Gk, v_groups + h * Gv);
+      auto run = [&](auto bits_tag) {
+        head.attend<decltype(bits_tag)::value>(qrows.p, orows.p, kp + at * rb, vp + at * rb, k_scale + at * Gk,
+                                               k_zero + at * Gk, v_scale + at * Gv, v_zero + at * Gv, scaling,
+                                               p_bits);
       };
       switch (bits) {
-        case 2: head(Int<2>{}); break;
-        case 3: head(Int<3>{}); break;
-        case 4: head(Int<4>{}); break;
-        default: head(Int<8>{});
+        case 2: run(Int<2>{}); break;
+        case 3: run(Int<3>{}); break;
+        case 4: run(Int<4>{}); break;
+        default: run(Int<8>{});
       }
     }
   }
