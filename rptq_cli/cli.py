@@ -220,7 +220,12 @@ def calib_options(fn):
 
 
 def config_options(fn):
-    """The flags that make a QuantConfig (a preset and what overrides it): see :func:`_config_flags`."""
+    """The flags that make a QuantConfig (a preset and what overrides it), handed to the command as one dict,
+    ``quant`` (click's parameter names → values; None: not given), so that a new flag is one option here."""
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        return fn(*args, quant={name: kwargs.pop(name) for name in names}, **kwargs)
+
     opts = [
         click.option("--config", "preset", default=None, help="Preset from rptq_cli/configs/ (w4a8, w4a4kv, ...); flags override."),
         click.option("--wbits", type=int, default=None, help="Weight bits: 2, 3, 4, 8 or 16."),
@@ -244,9 +249,11 @@ def config_options(fn):
                      help="lm_head: 8 packs it at 8 bits (half the bytes a CPU decode step streams for it; the "
                           "embeddings stay float16), 16 keeps it float16 [16]."),
     ]
+    before = len(getattr(command, "__click_params__", []))
     for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+        command = opt(command)
+    names = [param.name for param in command.__click_params__[before:]]
+    return command
 
 
 def quant_options(fn):
@@ -256,24 +263,21 @@ def quant_options(fn):
     return config_options(fn)
 
 
-def _config_flags(wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-                  act_clip, kv_grid, cluster_multiple, head_bits) -> dict:
-    """The quantization flags as :func:`config.build_config` takes them (None: not given)."""
+def _config_flags(quant: dict) -> dict:
+    """The quantization flags (:func:`config_options`' dict) as :func:`config.build_config` takes them."""
     from .config import parse_clusters
-    return dict(wbits=wbits, abits=abits, kv_only=kv_only, mode=mode, weight_quantizer=weight_quantizer,
-                weight_groups=weight_groups, clusters=parse_clusters(clusters) if clusters else None,
-                reorder=False if no_reorder else None, act_clip=act_clip, kv_grid=kv_grid,
-                cluster_multiple=cluster_multiple, head_bits=head_bits)
+    given = {name: value for name, value in quant.items() if name not in ("preset", "clusters", "no_reorder")}
+    return dict(given, clusters=parse_clusters(quant["clusters"]) if quant["clusters"] else None,
+                reorder=False if quant["no_reorder"] else None)
 
 
-def _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-                  act_clip, kv_grid, cluster_multiple, head_bits):
+def _quant_config(quant: dict):
+    """The QuantConfig the flags ask for; None when they quantize nothing (or none is given)."""
     from .config import build_config
-    given = _config_flags(wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-                          act_clip, kv_grid, cluster_multiple, head_bits)
-    if preset is None and all(v is None for v in given.values()):
+    given = _config_flags(quant)
+    if quant["preset"] is None and all(v is None for v in given.values()):
         return None
-    config = build_config(preset, **given)
+    config = build_config(quant["preset"], **given)
     return config if (config.quantizes_weights or config.quantizes_acts) else None
 
 
@@ -385,9 +389,8 @@ def calibrate(model, calib_dataset, calib_path, nsamples, seqlen, seed, batch_si
 @placement_options
 @_run
 def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_tasks, lm_eval_include, limit,
-             num_fewshot, no_verify, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-             no_reorder, cluster_multiple, act_clip, kv_grid, head_bits, stats_path, calib_dataset, calib_path,
-             nsamples, seqlen, seed, batch_size, device, dtype, device_map, max_memory):
+             num_fewshot, no_verify, quant, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed,
+             batch_size, device, dtype, device_map, max_memory):
     """GPTQ-protocol perplexity (and lm-eval accuracy) of an FP model, a simulated RPTQ quantization or a
     checkpoint."""
     from .data import eval_tokens
@@ -417,8 +420,7 @@ def eval_cmd(model, tasks, data_paths, json_path, report_path, force, lm_eval_ta
     if report_path:
         _prepare_output(report_path, force, is_ours=_is_report_json, kind="report file", directory=False,
                         sources=(model,))
-    config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-                           no_reorder, act_clip, kv_grid, cluster_multiple, head_bits)
+    config = _quant_config(quant)
     compute_dtype = resolve_dtype(dtype, device)
     net, tokenizer, family = _load_any(model, compute_dtype, verify=not no_verify)
     if family is None and config is not None:
@@ -545,9 +547,8 @@ def _load_any(model: str, dtype, verify: bool = True):
 @calib_options
 @model_options
 @_run
-def quantize(model, output, force, resume, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups,
-             clusters, no_reorder, cluster_multiple, act_clip, kv_grid, head_bits, stats_path, calib_dataset,
-             calib_path, nsamples, seqlen, seed, batch_size, device, dtype):
+def quantize(model, output, force, resume, quant, stats_path, calib_dataset, calib_path, nsamples, seqlen, seed,
+             batch_size, device, dtype):
     """Quantize MODEL with RPTQ and write a packed checkpoint directory.
 
     Finished layers are kept durably in a temporary directory beside -o; after a crash or kill, the same command
@@ -560,8 +561,7 @@ def quantize(model, output, force, resume, preset, wbits, abits, kv_only, mode, 
     resumed = claim_interrupted(output, resume, lambda line: click.echo(line, err=True))
     _prepare_output(output, force, is_ours=is_quantized_checkpoint, kind="checkpoint directory", directory=True,
                     sources=(model,))  # before the expensive part, not only when writing
-    config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-                           no_reorder, act_clip, kv_grid, cluster_multiple, head_bits)
+    config = _quant_config(quant)
     if config is None:
         raise RptqError("nothing to quantize: give --wbits/--abits below 16 or a --config preset (e.g. w4a4kv)")
     device = resolve_device(device)
@@ -687,8 +687,7 @@ def _is_memory_json(path: Path) -> bool:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the figures (bytes).")
 @click.option("--force", is_flag=True, help="Replace an existing --json file (only one rptq memory wrote).")
 @_run
-def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-           cluster_multiple, act_clip, kv_grid, head_bits, batch, seqlen, nsamples, json_path, force):
+def memory(model, quant, batch, seqlen, nsamples, json_path, force):
     """Predict MODEL's memory from its config.json alone: weights, KV cache, peaks of quantize and of running.
     Without --config, --wbits or --abits: a column for each of the paper's presets (w4a16 w4a8 w4a4kv w4a3kv
     w3a3kv), with the other flags given applied to each."""
@@ -696,13 +695,11 @@ def memory(model, preset, wbits, abits, kv_only, mode, weight_quantizer, weight_
     from .memory import PAPER_PRESETS, format_report, memory_report, read_config
     if json_path:
         _prepare_output(json_path, force, is_ours=_is_memory_json, kind="memory JSON", directory=False)
-    config = _quant_config(preset, wbits, abits, kv_only, mode, weight_quantizer, weight_groups, clusters,
-                           no_reorder, act_clip, kv_grid, cluster_multiple, head_bits)
-    if config is None and (preset or wbits or abits):
+    config = _quant_config(quant)
+    if config is None and (quant["preset"] or quant["wbits"] or quant["abits"]):
         raise RptqError("nothing is quantized with these settings: give --wbits/--abits below 16")
     if config is None:  # the paper's columns, with whatever other flags were given
-        given = _config_flags(None, None, None, mode, weight_quantizer, weight_groups, clusters, no_reorder,
-                              act_clip, kv_grid, cluster_multiple, head_bits)
+        given = _config_flags(dict(quant, wbits=None, abits=None, kv_only=None))
         configs = {c.label: c for c in (build_config(p, **given) for p in PAPER_PRESETS)}
     else:
         configs = {config.label: config}
