@@ -84,6 +84,7 @@ class Shapes:
     embedding_numel: int = 0                      # of the modules that run before layer 0
     half_numel: int = 0                           # token embeddings and lm_head: float16 when packed (nn/head.py)
     head_in: int = 0                              # the lm_head's input features (OPT-350m: word_embed_proj_dim)
+    head_weight: str = ""                         # the lm_head's weight in the state dict (nn.head.head_path)
 
     @property
     def layer_params(self) -> int:
@@ -140,7 +141,7 @@ def model_shapes(raw: dict) -> Shapes:
 
     from .models import family_for
     from .models.base import head_layout, supported_architectures
-    from .nn.head import half_state_names
+    from .nn.head import half_state_names, head_path
     model_type = raw.get("model_type")
     try:
         hf_config = AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "model_type"})
@@ -161,8 +162,9 @@ def model_shapes(raw: dict) -> Shapes:
                    is not None) for _, path, _ in family.norm_points())
     prefix = family.layers + "."
     outside = {k: v.numel() for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    head_weight = f"{head_path(model)}.weight"
     if getattr(hf_config, "tie_word_embeddings", False):
-        outside.pop("lm_head.weight", None)
+        outside.pop(head_weight, None)
     embedding = sum(n for k, n in outside.items() if any(k.startswith(e + ".") for e in family.embeddings))
     half = sum(outside.get(name, 0) for name in half_state_names(model))
     ffn = family.widths(hf_config)["ffn"]
@@ -170,7 +172,7 @@ def model_shapes(raw: dict) -> Shapes:
                   intermediate=ffn, n_heads=heads.n_heads, n_kv=heads.n_kv, head_dim=heads.head_dim,
                   vocab=hf_config.vocab_size, rope=family.rope, linears=linears, norms=norms, outside=outside,
                   embedding_numel=embedding, half_numel=half,
-                  head_in=model.get_output_embeddings().in_features)
+                  head_in=model.get_output_embeddings().in_features, head_weight=head_weight)
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -284,7 +286,7 @@ def packed_head_delta(shapes: Shapes, config: QuantConfig, loaded: bool = False)
     (a tied one stays: it is the embedding table)."""
     if config.head_bits >= FP:
         return 0
-    return packed_head_bytes(shapes, config, loaded) - 2 * shapes.outside.get("lm_head.weight", 0)
+    return packed_head_bytes(shapes, config, loaded) - 2 * shapes.outside.get(shapes.head_weight, 0)
 
 
 def fp16_bytes(shapes: Shapes) -> int:
