@@ -522,3 +522,17 @@ def test_missing_extension_warns_once_and_runs_reference():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["reference", "1"]
+
+
+def test_decode_attention_over_query_blocks(isa):
+    """A prefill through the cache: 2 × 90 queries of a GQA group, attended 128 at a time (kQueryBlock), each
+    block over the rows its last query sees."""
+    b, hq, hkv, tq, d, kv_len, bits = 1, 4, 2, 90, 64, 100, 4
+    g = gen(17)
+    k_scale, k_zero = kv_params(hkv, d, bits, 7)
+    v_scale, v_zero = kv_params(hkv, d, bits, 8)
+    k = K.kv_pack(torch.randn(b, hkv, kv_len, d, generator=g) * 2, k_scale, k_zero, bits)
+    v = K.kv_pack(torch.randn(b, hkv, kv_len, d, generator=g) * 2, v_scale, v_zero, bits)
+    q = torch.randn(b, hq, tq, d, generator=g)
+    args = (q, k, v, k_scale, k_zero, v_scale, v_zero, bits, kv_len, d ** -0.5, 16)
+    close(K.decode_attention(*args), K.ref_decode_attention(*args), rtol=5e-4)

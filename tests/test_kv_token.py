@@ -178,3 +178,20 @@ def test_token_attention_over_tiles_and_groups(d, kv_len, groups):
         exact = on_int16_grids(q, k, v, k_groups, v_groups, bits, kv_len, d ** -0.5, 16)
         torch.testing.assert_close(out, exact, rtol=0, atol=1e-5 * scale)
     torch.testing.assert_close(out, ref, rtol=5e-4, atol=5e-4 * scale)
+
+
+@needs_compiled
+def test_token_attention_over_query_blocks():
+    """A prefill through the cache: 3 × 60 queries of a GQA group, attended 128 at a time (kQueryBlock)."""
+    b, hkv, hq, tq, d, kv_len, bits = 1, 1, 3, 60, 64, 70, 4
+    k_groups, v_groups = head_groups(hkv, d, seed=21), head_groups(hkv, d, seed=22)
+    k = filled_cache(b, hkv, kv_len, d, bits, k_groups, torch.ones(k_groups.shape), keys(b, hkv, kv_len, d, seed=23),
+                     "compiled")
+    v = filled_cache(b, hkv, kv_len, d, bits, v_groups, torch.ones(v_groups.shape), keys(b, hkv, kv_len, d, seed=24),
+                     "compiled")
+    q = torch.randn(b, hq, tq, d, generator=torch.Generator().manual_seed(25))
+    args = (q, k[0], v[0], k[1], k[2], v[1], v[2], k_groups, v_groups, bits, kv_len, d ** -0.5)
+    with K.using_backend("compiled"):
+        out = K.decode_attention_token(*args)
+    ref = K.ref_decode_attention_token(*args)
+    torch.testing.assert_close(out, ref, rtol=5e-4, atol=5e-4 * ref.abs().max().item())

@@ -1039,9 +1039,10 @@ inline void token_grid(const uint16_t* scale, const uint8_t* zero, int G, bool w
   if (z) *z = zi;
 }
 
-// One thread's tables and buffers for the (batch, kv head) tasks of one call (sizes from the call's shapes).
+// One thread's tables and buffers for the (batch, kv head) tasks of one call, sized for blocks of up to nb queries
+// over up to kv_len rows; nq and kv_len are those of the block being attended (attend sets them).
 struct TokenHead {
-  int64_t D, Dp, chunks, runs, nq, Tq, S, kv_len, rb;
+  int64_t D, Dp, chunks, runs, nq, S, kv_len, rb;
   int Gk, Gv;
   Buf<int32_t> gk, gv;   // [Dp] channel → group (channels past D: group 0; their codes and q̂ are zero)
   Buf<int32_t> lane_k;   // [runs][2][8] scores: run r, parity e, lane i → group of channel 16r + 2i + e
@@ -1055,9 +1056,9 @@ struct TokenHead {
   Buf<int32_t> pairs;    // [kv_len / 2][8] (ŵ_{2i,g}, ŵ_{2i+1,g}) of one query
   Buf<float> out;        // [Dp] one query's Σ_s ŵ·step·c
 
-  TokenHead(int64_t D_, int64_t nq_, int64_t Tq_, int64_t S_, int64_t kv_len_, int bits, int Gk_, int Gv_)
+  TokenHead(int64_t D_, int64_t nb, int64_t S_, int64_t kv_len_, int bits, int Gk_, int Gv_)
       : D(D_), Dp((D_ + kQ16Chunk - 1) / kQ16Chunk * kQ16Chunk), chunks(Dp / kQ16Chunk), runs(Dp / kQ16Run),
-        nq(nq_), Tq(Tq_), S(S_), kv_len(kv_len_), rb(row_bytes(D_, bits)), Gk(Gk_), Gv(Gv_), gk(Dp), gv(Dp),
+        nq(nb), S(S_), kv_len(kv_len_), rb(row_bytes(D_, bits)), Gk(Gk_), Gv(Gv_), gk(Dp), gv(Dp),
         lane_k(runs * 16), lane_v(chunks * 64), qe(nq * Dp), qo(nq * Dp), qgroup(nq * 8), sigma(nq),
         sc(nq * kv_len), va(kv_len * 8), vzi(kv_len * 8), pairs((kv_len + 1) / 2 * 8), out(Dp) {}
 
@@ -1238,18 +1239,20 @@ struct TokenHead {
     }
   }
 
+  // n queries over the first `len` rows, query j seeing seen[j] of them (causal)
   template <int BITS>
-  void attend(const float* const* qrows, float* const* orows, const uint8_t* kb, const uint8_t* vb,
-              const uint16_t* ks, const uint8_t* kz, const uint16_t* vs, const uint8_t* vz, float scaling,
-              int p_bits) {
+  void attend(const float* const* qrows, float* const* orows, int64_t n, const int64_t* seen, int64_t len,
+              const uint8_t* kb, const uint8_t* vb, const uint16_t* ks, const uint8_t* kz, const uint16_t* vs,
+              const uint8_t* vz, float scaling, int p_bits) {
+    nq = n;
+    kv_len = len;
     queries(qrows, scaling);
     scores<BITS>(kb, ks, kz);
     value_grids(vs, vz);
     for (int64_t j = 0; j < nq; ++j) {
       float* p = sc.p + j * kv_len;
-      const int64_t visible = kv_len - Tq + j % Tq + 1;  // causal: query j sits at position kv_len − Tq + j mod Tq
-      softmax_row(p, visible, p_bits);
-      for (int64_t s = visible; s < kv_len; ++s) p[s] = 0.f;
+      softmax_row(p, seen[j], p_bits);
+      for (int64_t s = seen[j]; s < kv_len; ++s) p[s] = 0.f;
       float step[8];
       int64_t zsum[8];
       weights(p, step, zsum);
@@ -1275,31 +1278,31 @@ void token_attention(const float* q, int64_t B, int64_t Hq, int64_t Tq, int64_t 
   if (Gk > kTokenMaxGroups || Gv > kTokenMaxGroups)
     return g_kv_token_attention(q, B, Hq, Tq, D, kp, vp, Hkv, S, k_scale, k_zero, v_scale, v_zero, k_groups, Gk,
                                 v_groups, Gv, bits, kv_len, scaling, p_bits, out);
-  const int64_t rb = row_bytes(D, bits), rep = Hq / Hkv, nq = rep * Tq;
+  const int64_t rb = row_bytes(D, bits), rep = Hq / Hkv, nq = rep * Tq, nb = nq < kQueryBlock ? nq : kQueryBlock;
 #pragma omp parallel if (B * Hkv * kv_len * D > kParallelMin)
   {
-    Buf<const float*> qrows(nq);
-    Buf<float*> orows(nq);
-    TokenHead head(D, nq, Tq, S, kv_len, bits, int(Gk), int(Gv));
+    Buf<const float*> qrows(nb);
+    Buf<float*> orows(nb);
+    Buf<int64_t> seen(nb);
+    TokenHead head(D, nb, S, kv_len, bits, int(Gk), int(Gv));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < B * Hkv; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv, at = bh * S;
-      for (int64_t j = 0; j < nq; ++j) {  // query j = (head r of the kv group, position t)
-        const int64_t off = (((b * Hq) + h * rep + j / Tq) * Tq + j % Tq) * D;
-        qrows[j] = q + off;
-        orows[j] = out + off;
-      }
       head.tables(k_groups + h * Gk, v_groups + h * Gv);
-      auto run = [&](auto bits_tag) {
-        head.attend<decltype(bits_tag)::value>(qrows.p, orows.p, kp + at * rb, vp + at * rb, k_scale + at * Gk,
-                                               k_zero + at * Gk, v_scale + at * Gv, v_zero + at * Gv, scaling,
-                                               p_bits);
-      };
-      switch (bits) {
-        case 2: run(Int<2>{}); break;
-        case 3: run(Int<3>{}); break;
-        case 4: run(Int<4>{}); break;
-        default: run(Int<8>{});
+      for (int64_t j0 = 0; j0 < nq; j0 += nb) {
+        const int64_t n = nq - j0 < nb ? nq - j0 : nb;
+        const int64_t len = query_block(q, out, b, h, Hq, rep, Tq, D, kv_len, j0, n, qrows.p, orows.p, seen.p);
+        auto run = [&](auto bits_tag) {
+          head.attend<decltype(bits_tag)::value>(qrows.p, orows.p, n, seen.p, len, kp + at * rb, vp + at * rb,
+                                                 k_scale + at * Gk, k_zero + at * Gk, v_scale + at * Gv,
+                                                 v_zero + at * Gv, scaling, p_bits);
+        };
+        switch (bits) {
+          case 2: run(Int<2>{}); break;
+          case 3: run(Int<3>{}); break;
+          case 4: run(Int<4>{}); break;
+          default: run(Int<8>{});
+        }
       }
     }
   }
