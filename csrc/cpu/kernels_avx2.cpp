@@ -826,6 +826,54 @@ inline void softmax_row(float* sc, int64_t len, int p_bits) {
   for (s = 0; s < len; ++s) sc[s] = round_p(sc[s] * inv, p_bits);
 }
 
+// The cache lines of [p, p + bytes), into L1 ahead of their use (a prefetch never faults)
+inline void prefetch_lines(const uint8_t* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+// P·V's inner loop, both grids: V rows [s0, s1) of one 64-code chunk (byte `at` of a row), two at a time. Their
+// decoded words are interleaved (unpacklo/hi_epi16), so that one vpmaddwd against a pair (w_s, w_{s+1}) per lane
+// adds both rows' products: acc[2r + z] += unpack_z(run r of row s, run r of row s + 1) · pairs[2r + z], with
+// weights(s, pairs) giving the row pair's 8 pair vectors. Accumulator 2r + z, lane L, element e holds code
+// 16r + 8L + 4z + e of the chunk. `prefetch`: the rows kPrefetchKv ahead, both of each pair.
+template <int BITS, class Weights>
+inline void pv_row_pairs(const Q16Decode<BITS>& dec, const uint8_t* vb, int64_t rb, int64_t at, int64_t s0,
+                         int64_t s1, int64_t kv_len, bool prefetch, Weights&& weights, __m256i (&acc)[8]) {
+  constexpr int64_t cb = 2 * block_bytes(BITS);
+  const bool whole = at + cb <= rb;  // rows of an odd number of blocks end in half a chunk
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t s = s0; s < s1; s += 2) {
+    const uint8_t* ra = vb + s * rb + at;
+    const uint8_t* rn = s + 1 < kv_len ? ra + rb : ra;  // a last odd row meets a zero weight
+    if (prefetch) prefetch_lines(ra + kPrefetchKv * rb, 2 * rb);
+    __m256i wa[4], wb[4], pairs[8];
+    dec(ra, whole ? ra + cb / 2 : kZeroBlock, wa);
+    dec(rn, whole ? rn + cb / 2 : kZeroBlock, wb);
+    weights(s, pairs);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(_mm256_unpacklo_epi16(wa[r], wb[r]), pairs[2 * r]));
+      acc[2 * r + 1] =
+          _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(wa[r], wb[r]), pairs[2 * r + 1]));
+    }
+  }
+}
+
+// o[code] += f[i] · acc[i] for the chunk's 64 codes (pv_row_pairs' accumulator order)
+inline void add_pair_sums(float* o, const __m256i (&acc)[8], const __m256 (&f)[8]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    alignas(32) float v[8];
+    _mm256_store_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), f[i]));
+    float* oi = o + 16 * (i / 2) + 4 * (i % 2);
+    for (int e = 0; e < 4; ++e) {
+      oi[e] += v[e];
+      oi[8 + e] += v[4 + e];
+    }
+  }
+}
+
 // The ISA pieces of simd_decode_attention (generic.inc), 8 lanes wide.
 struct Attention {
   static constexpr int64_t kLanes = 8;
@@ -859,8 +907,7 @@ struct Attention {
     for (int64_t s0 = 0; s0 < kv_len; s0 += 8) {
       const int64_t rows = kv_len - s0 < 8 ? kv_len - s0 : 8;
       const uint8_t* tile = kb + s0 * rb;
-      for (int64_t i = 0; i < rows * rb; i += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchKv * rb + i), _MM_HINT_T0);  // never faults
+      prefetch_lines(tile + kPrefetchKv * rb, rows * rb);
       for (int64_t j = 0; j < nq; ++j) {
         __m256i acc[8];
 #pragma GCC unroll 8
@@ -884,11 +931,9 @@ struct Attention {
   static void softmax_row(float* sc, int64_t len, int p_bits) { avx2::softmax_row(sc, len, p_bits); }
 
   // P·V in the integer domain too. Each query's P is rounded once to int16: to its levels where it lies on the
-  // p_bits grid (p̂ = p·(2^p_bits − 1), exact), else to step max P / 32767. Two V rows at a time: the words of
-  // their decoded chunks are interleaved (unpacklo/hi_epi16) and meet the broadcast pair (p̂_s, p̂_{s+1}) in one
-  // vpmaddwd per 8 codes, exact int32 sums over a tile of kTile rows (|Σ| ≤ 128·32767·255 < 2^31), then converted
-  // and scaled into acc. Accumulator 2r + z, lane L, element e holds code 16r + 8L + 4z + e of the chunk (the
-  // unpacks' order).
+  // p_bits grid (p̂ = p·(2^p_bits − 1), exact), else to step max P / 32767. Two V rows at a time meet the broadcast
+  // pair (p̂_s, p̂_{s+1}) (pv_row_pairs): exact int32 sums over a tile of kTile rows (|Σ| ≤ 128·32767·255 < 2^31),
+  // then converted and scaled into acc.
   template <int BITS>
   static void pv(const float* p, int64_t nq, int64_t kv_len, const uint8_t* vb, int64_t rb, int64_t C, int p_bits,
                  float* acc, float* psum) {
@@ -903,43 +948,17 @@ struct Attention {
     const Q16Decode<BITS> dec;
     for (int64_t s0 = 0; s0 < kv_len; s0 += kTile) {
       const int64_t s1 = s0 + kTile < kv_len ? s0 + kTile : kv_len;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t at = c * cb;
-        const bool whole = at + cb <= rb;  // rows of an odd number of blocks end in half a chunk
+      for (int64_t c = 0; c < chunks; ++c)
         for (int64_t j = 0; j < nq; ++j) {
           __m256i a[8];
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_si256();
-          for (int64_t s = s0; s < s1; s += 2) {
-            const uint8_t* ra = vb + s * rb + at;
-            const uint8_t* rn = s + 1 < kv_len ? ra + rb : ra;  // a last odd row meets p̂ = 0
-            if (j == 0 && c == 0)
-              for (int64_t i = 0; i < 2 * rb; i += 64)  // both rows' lines, kPrefetchKv rows ahead (never faults)
-                _mm_prefetch(reinterpret_cast<const char*>(ra + kPrefetchKv * rb + i), _MM_HINT_T0);
-            __m256i wa[4], wb[4];
-            dec(ra, whole ? ra + cb / 2 : kZeroBlock, wa);
-            dec(rn, whole ? rn + cb / 2 : kZeroBlock, wb);
-            const __m256i pp = _mm256_set1_epi32(pair[j * pairs + s / 2]);
-#pragma GCC unroll 4
-            for (int r = 0; r < 4; ++r) {
-              a[2 * r] = _mm256_add_epi32(a[2 * r], _mm256_madd_epi16(_mm256_unpacklo_epi16(wa[r], wb[r]), pp));
-              a[2 * r + 1] = _mm256_add_epi32(a[2 * r + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(wa[r], wb[r]), pp));
-            }
-          }
-          float* o = out.p + j * Dp + c * kQ16Chunk;
-          const __m256 f = _mm256_set1_ps(step[j]);
-#pragma GCC unroll 8
-          for (int i = 0; i < 8; ++i) {
-            alignas(32) float v[8];
-            _mm256_store_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(a[i]), f));
-            float* oi = o + 16 * (i / 2) + 4 * (i % 2);
-            for (int e = 0; e < 4; ++e) {
-              oi[e] += v[e];
-              oi[8 + e] += v[4 + e];
-            }
-          }
+          pv_row_pairs(dec, vb, rb, c * cb, s0, s1, kv_len, j == 0 && c == 0,
+                       [&](int64_t s, __m256i (&pp)[8]) {
+                         for (int i = 0; i < 8; ++i) pp[i] = _mm256_set1_epi32(pair[j * pairs + s / 2]);
+                       }, a);
+          __m256 f[8];
+          for (int i = 0; i < 8; ++i) f[i] = _mm256_set1_ps(step[j]);
+          add_pair_sums(out.p + j * Dp + c * kQ16Chunk, a, f);
         }
-      }
     }
     for (int64_t j = 0; j < nq; ++j)
       for (int64_t d = 0; d < C * 8; ++d) acc[j * C * 8 + d] = out[j * Dp + d];
@@ -1100,8 +1119,7 @@ struct TokenHead {
     for (int64_t s0 = 0; s0 < kv_len; s0 += 8) {
       const int64_t rows = kv_len - s0 < 8 ? kv_len - s0 : 8;
       const uint8_t* tile = kb + s0 * rb;
-      for (int64_t i = 0; i < rows * rb; i += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(tile + kPrefetchKv * rb + i), _MM_HINT_T0);  // never faults
+      prefetch_lines(tile + kPrefetchKv * rb, rows * rb);
       alignas(32) float ga[8][8], gaz[8][8];  // the rows' grids: a and a·z
       for (int64_t r = 0; r < rows; ++r) {
         __m256 a, az;
@@ -1198,43 +1216,17 @@ struct TokenHead {
     for (int64_t s0 = 0; s0 < kv_len; s0 += 128) {
       const int64_t s1 = s0 + 128 < kv_len ? s0 + 128 : kv_len;
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t at = c * cb;
-        const bool whole = at + cb <= rb;
-        const int32_t* lanes = lane_v.p + c * 64;
+        const int32_t* lanes = lane_v.p + c * 64;  // accumulator i's lanes → their groups
         __m256i acc[8];
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_si256();
-        for (int64_t s = s0; s < s1; s += 2) {
-          const uint8_t* ra = vb + s * rb + at;
-          const uint8_t* rn = s + 1 < kv_len ? ra + rb : ra;  // a last odd row meets ŵ = 0
-          if (prefetch && c == 0)
-            for (int64_t i = 0; i < 2 * rb; i += 64)
-              _mm_prefetch(reinterpret_cast<const char*>(ra + kPrefetchKv * rb + i), _MM_HINT_T0);
-          __m256i wa[4], wb[4];
-          dec(ra, whole ? ra + cb / 2 : kZeroBlock, wa);
-          dec(rn, whole ? rn + cb / 2 : kZeroBlock, wb);
-          const __m256i pp = load_lanes(pairs.p + s / 2 * 8);
-#pragma GCC unroll 4
-          for (int r = 0; r < 4; ++r) {
-            const __m256i lo = _mm256_permutevar8x32_epi32(pp, load_lanes(lanes + 16 * r));
-            const __m256i hi = _mm256_permutevar8x32_epi32(pp, load_lanes(lanes + 16 * r + 8));
-            acc[2 * r] = _mm256_add_epi32(acc[2 * r], _mm256_madd_epi16(_mm256_unpacklo_epi16(wa[r], wb[r]), lo));
-            acc[2 * r + 1] =
-                _mm256_add_epi32(acc[2 * r + 1], _mm256_madd_epi16(_mm256_unpackhi_epi16(wa[r], wb[r]), hi));
-          }
-        }
-        float* o = out.p + c * kQ16Chunk;
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) {
-          alignas(32) float v[8];
-          const __m256 f = _mm256_permutevar8x32_ps(step8, load_lanes(lanes + i * 8));
-          _mm256_store_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[i]), f));
-          float* oi = o + 16 * (i / 2) + 4 * (i % 2);
-          for (int e = 0; e < 4; ++e) {
-            oi[e] += v[e];
-            oi[8 + e] += v[4 + e];
-          }
-        }
+        pv_row_pairs(dec, vb, rb, c * cb, s0, s1, kv_len, prefetch && c == 0,
+                     [&](int64_t s, __m256i (&pp)[8]) {
+                       const __m256i by_group = load_lanes(pairs.p + s / 2 * 8);
+                       for (int i = 0; i < 8; ++i)
+                         pp[i] = _mm256_permutevar8x32_epi32(by_group, load_lanes(lanes + 8 * i));
+                     }, acc);
+        __m256 f[8];
+        for (int i = 0; i < 8; ++i) f[i] = _mm256_permutevar8x32_ps(step8, load_lanes(lanes + 8 * i));
+        add_pair_sums(out.p + c * kQ16Chunk, acc, f);
       }
     }
   }
