@@ -51,6 +51,7 @@ from .model_card import write_card
 from .models import Family, family_for
 from .nn.attention import AttentionQuant, use_lean_rope_attention, use_rptq_attention
 from .nn.head import half_state_names, head_path, keep_head_in_half
+from .nn.joint import use_lean_gated_mlp
 from .nn.linear import QuantLinear
 from .nn.norm import ReorderNorm
 from .nn.quantizers import ActQuant
@@ -580,6 +581,9 @@ def load_quantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
             p_bits=config.act_bits("p"), window=family.sliding_window(hf_config, i))
     if family.rope:
         use_lean_rope_attention([layer.get_submodule(family.attn) for layer in family.decoder_layers(model)])
+    if len(family.mlp_in) == 2:  # gate and up: one call (nn/joint.py)
+        mlp = family.mlp_in[0].rpartition(".")[0]
+        use_lean_gated_mlp([layer.get_submodule(mlp) for layer in family.decoder_layers(model)])
     if config.head_bits < FP:  # before the rest: its float weight is then not expected, nor tied
         head = head_path(model)
         replace(model, head, _load_packed(tensors, head, model.get_submodule(head), config.head_bits, None, dtype))

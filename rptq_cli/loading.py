@@ -507,6 +507,8 @@ def place_model(model: nn.Module, family: Family, device_map: str | dict, max_me
     offloaded too (``offload_buffers``): a packed linear keeps its codes and scales in buffers.
     """
     from accelerate import dispatch_model
+
+    from .nn.joint import keep_apart
     if isinstance(device_map, str):
         device_map = _infer_device_map(model, family, device_map, max_memory, max_memory_spec)
     else:
@@ -518,6 +520,7 @@ def place_model(model: nn.Module, family: Family, device_map: str | dict, max_me
         dispatch_model(model, device_map, main_device=main.index if main.type == "cuda" else "cpu",
                        offload_dir=offload_dir, offload_buffers=True,
                        preload_module_classes=[type(family.decoder_layers(model)[0]).__name__])
+    keep_apart(model)
     return main
 
 

@@ -33,6 +33,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .derived import derived
+from .joint import run_joint
 from .kv_cache import PackedKVLayer
 from .quantizers import ActQuant
 
@@ -192,8 +193,9 @@ class SignedSin:
 class _LeanRopeAttention:
     """The forward of transformers' Llama, Mistral and Qwen2 attention, mixed in before the family's class by
     :func:`use_lean_rope_attention`. Same steps (project, RoPE, cache, :func:`rptq_attention`, out_proj); at
-    decode each op handles one token, so RoPE's op count, not its arithmetic, was its cost. The sliding window
-    these families pass on is the mask's (float path) or ``AttentionQuant.window``'s (packed path)."""
+    decode each op handles one token, so RoPE's op count, not its arithmetic, was its cost, and q, k and v are
+    one call (:func:`.joint.run_joint`). The sliding window these families pass on is the mask's (float path) or
+    ``AttentionQuant.window``'s (packed path)."""
 
     signed_sin: SignedSin
 
@@ -201,9 +203,8 @@ class _LeanRopeAttention:
                 attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in
+                             run_joint(self, "_rptq_qkv", (self.q_proj, self.k_proj, self.v_proj), hidden_states))
         cos, sin = position_embeddings
         cos, sin_signed = cos.unsqueeze(1), self.signed_sin(sin).unsqueeze(1)
         query, key = rotate(query, cos, sin_signed), rotate(key, cos, sin_signed)
