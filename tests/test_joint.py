@@ -111,3 +111,17 @@ def test_a_model_kept_apart_runs_its_layers_one_by_one(checkpoint):
     with torch.no_grad():
         model(corpus_ids(tok)[:, :4])
     assert all(owner.__dict__[key] is False for layer in model.model.layers for owner, key, _ in parts(layer))
+
+
+def test_a_joint_layer_built_under_inference_mode_holds_ordinary_tensors(checkpoint):
+    # rptq eval runs under inference mode; the layers' buffers must stay writable in place and their scales cached
+    model, _ = load_quantized(checkpoint)
+    owner, key, layers = parts(model.model.layers[0])[0]
+    x = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        got = run_joint(owner, key, layers, x)
+    assert not any(t.is_inference() for layer in layers for t in (layer.qweight, layer.scales, layer.zeros))
+    layers[0].scales.mul_(1)  # allowed: an ordinary tensor
+    with torch.no_grad():
+        for g, w in zip(got, one_by_one(layers, x)):
+            assert torch.equal(g, w)

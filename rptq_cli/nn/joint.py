@@ -82,7 +82,10 @@ def run_joint(owner: nn.Module, key: str, layers: tuple[nn.Module, ...], x: torc
     if joint is not None and joint is not False and not (joint.holds(layers) and not _watched(layers)):
         joint = None  # stale (a tensor was replaced) or watched: built anew below if the layers allow it
     if joint is None:
-        joint = JointLinear(layers) if JointLinear.joinable(layers) else False
+        # ordinary tensors even under inference mode (`rptq eval`): inference tensors keep no version counter, so
+        # the layers' buffers could be neither written in place nor their float32 scales cached
+        with torch.inference_mode(False):
+            joint = JointLinear(layers) if JointLinear.joinable(layers) else False
         owner.__dict__[key] = joint
     if joint is False:
         return tuple(layer(x) for layer in layers)
